@@ -1,0 +1,215 @@
+//! The reference attention: causal by positions, GQA without repeating K/V, stable softmax,
+//! optional statistics. It is the oracle every other cache is tested against.
+
+use burn::prelude::*;
+
+use crate::block::PAD;
+
+/// Statistics an attention call can return besides its output, for methods that score tokens
+/// from the attention they see (H2O column sums, TOVA's last row) without a second pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StatsRequest {
+    /// Sum of attention probabilities over the query tokens, per query head and key.
+    pub column_sums: bool,
+    /// Attention probabilities of the last query token, per query head and key.
+    pub last_row: bool,
+}
+
+impl StatsRequest {
+    /// No statistics.
+    pub const NONE: StatsRequest = StatsRequest {
+        column_sums: false,
+        last_row: false,
+    };
+    /// Column sums only.
+    pub const COLUMN_SUMS: StatsRequest = StatsRequest {
+        column_sums: true,
+        last_row: false,
+    };
+    /// Whether anything is requested.
+    pub fn any(&self) -> bool {
+        self.column_sums || self.last_row
+    }
+}
+
+/// Statistics of one attention call over one key set.
+///
+/// # Shapes
+/// Both tensors are `[batch, kv_heads, group, keys]`: query head `h * group + j` is entry
+/// `[.., h, j, ..]`. Keys are in the order the cache holds them; for ragged caches, slots past
+/// a head's length are zero.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionStats {
+    /// Σ over query tokens of the attention probability of each key.
+    pub column_sums: Option<Tensor<4>>,
+    /// The attention probabilities of the last query token.
+    pub last_row: Option<Tensor<4>>,
+}
+
+/// Key positions for [`reference_attention`]: shared by all KV heads of a sequence
+/// (`batch * keys` entries) or per head (`batch * kv_heads * keys` entries). [`PAD`] slots are
+/// never attended.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyPositions<'a> {
+    /// `batch * keys` positions, row-major.
+    PerSequence(&'a [u32]),
+    /// `batch * kv_heads * keys` positions, row-major.
+    PerHead(&'a [u32]),
+}
+
+/// Query rows processed at once, bounding the score matrix to `rows x keys` per head.
+const QUERY_CHUNK: usize = 512;
+
+/// Dense attention with a causal mask given by positions.
+///
+/// A query at position `p` attends to every key with position `<= p`; [`PAD`] keys are never
+/// attended and a [`PAD`] query (or one that sees no key) gets a zero output. Keys are grouped
+/// per KV head (query head `i` reads KV head `i / group`), without materialising repeated K/V.
+/// Softmax subtracts the row maximum. `scale` defaults to `1/sqrt(head_dim)`.
+///
+/// # Shapes
+/// - `q`: `[batch, q_heads, q_len, head_dim]`, `q_pos`: `batch * q_len`
+/// - `k`, `v`: `[batch, kv_heads, keys, head_dim]`
+/// - output: `[batch, q_heads, q_len, head_dim]`
+///
+/// # Panics
+/// If the shapes disagree (a programmer error): names the operation and the shapes.
+pub fn reference_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    q_pos: &[u32],
+    k_pos: KeyPositions<'_>,
+    scale: Option<f32>,
+    stats: StatsRequest,
+) -> (Tensor<4>, AttentionStats) {
+    let [b, qh, n, d] = q.dims();
+    let [kb, kvh, t, kd] = k.dims();
+    assert!(
+        kb == b && kd == d && v.dims() == k.dims() && qh % kvh == 0 && q_pos.len() == b * n,
+        "reference_attention: incompatible shapes q {:?} k {:?} v {:?} q_pos {}",
+        q.dims(),
+        k.dims(),
+        v.dims(),
+        q_pos.len()
+    );
+    let g = qh / kvh;
+    let device = q.device();
+    if t == 0 {
+        // No key at all: every query sees nothing. (Also avoids Burn's reshape, which reads a
+        // 0 in the target shape as "keep this dimension".)
+        let zeros = || Tensor::zeros([b, kvh, g, 0], &device);
+        let stats = AttentionStats {
+            column_sums: stats.column_sums.then(zeros),
+            last_row: stats.last_row.then(zeros),
+        };
+        return (q.zeros_like(), stats);
+    }
+    let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
+
+    // Key positions as i32 with PAD -> i32::MAX so that `key > query` masks them.
+    let (kp_host, kp_heads) = match k_pos {
+        KeyPositions::PerSequence(p) => {
+            assert_eq!(
+                p.len(),
+                b * t,
+                "reference_attention: key positions {} != {b}*{t}",
+                p.len()
+            );
+            (p, 1)
+        }
+        KeyPositions::PerHead(p) => {
+            assert_eq!(
+                p.len(),
+                b * kvh * t,
+                "reference_attention: per-head key positions {} != {b}*{kvh}*{t}",
+                p.len()
+            );
+            (p, kvh)
+        }
+    };
+    let kp: Vec<i32> = kp_host.iter().map(|&p| to_key_i32(p)).collect();
+    let kp = Tensor::<1, Int>::from_data(TensorData::new(kp, [kp_host.len()]), &device)
+        .reshape([b, kp_heads, 1, t])
+        .cast(burn::tensor::IntDType::I32);
+
+    let q = q.reshape([b, kvh, g, n, d]);
+    let k_t = k.swap_dims(2, 3);
+    let mut outs = Vec::new();
+    let mut col: Option<Tensor<4>> = None;
+    let mut last: Option<Tensor<4>> = None;
+    let mut start = 0;
+    while start < n {
+        let rows = QUERY_CHUNK.min(n - start);
+        let qc = q
+            .clone()
+            .slice([0..b, 0..kvh, 0..g, start..start + rows, 0..d]);
+        let qc = qc.reshape([b, kvh, g * rows, d]);
+        // Query positions for rows (j, i) -> q_pos[b, start + i], PAD -> -1 (sees nothing).
+        let mut qp = Vec::with_capacity(b * g * rows);
+        for bi in 0..b {
+            for _ in 0..g {
+                for i in 0..rows {
+                    qp.push(to_query_i32(q_pos[bi * n + start + i]));
+                }
+            }
+        }
+        let qp = Tensor::<1, Int>::from_data(TensorData::new(qp, [b * g * rows]), &device)
+            .reshape([b, 1, g * rows, 1])
+            .cast(burn::tensor::IntDType::I32);
+        let shape = [b, kvh, g * rows, t];
+        let mask = kp.clone().expand(shape).greater(qp.expand(shape));
+
+        let scores = qc.matmul(k_t.clone()).mul_scalar(scale);
+        let scores = scores.mask_fill(mask.clone(), f32::NEG_INFINITY);
+        // A row that sees no key has max -inf; clamping keeps exp(-inf - MIN) = 0, no NaN.
+        let m = scores.clone().max_dim(3).clamp_min(f32::MIN);
+        let e = (scores - m).exp();
+        let denom = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+        let p = e / denom;
+        outs.push(p.clone().matmul(v.clone()).reshape([b, kvh, g, rows, d]));
+
+        if stats.column_sums {
+            let c = p
+                .clone()
+                .reshape([b, kvh, g, rows, t])
+                .sum_dim(3)
+                .reshape([b, kvh, g, t]);
+            col = Some(match col {
+                Some(acc) => acc + c,
+                None => c,
+            });
+        }
+        if stats.last_row && start + rows == n {
+            let l =
+                p.reshape([b, kvh, g, rows, t])
+                    .slice([0..b, 0..kvh, 0..g, rows - 1..rows, 0..t]);
+            last = Some(l.reshape([b, kvh, g, t]));
+        }
+        start += rows;
+    }
+    let out = Tensor::cat(outs, 3).reshape([b, qh, n, d]);
+    (
+        out,
+        AttentionStats {
+            column_sums: col,
+            last_row: last,
+        },
+    )
+}
+
+fn to_key_i32(p: u32) -> i32 {
+    if p == PAD {
+        i32::MAX
+    } else {
+        i32::try_from(p).unwrap_or(i32::MAX - 1)
+    }
+}
+
+fn to_query_i32(p: u32) -> i32 {
+    if p == PAD {
+        -1
+    } else {
+        i32::try_from(p).unwrap_or(i32::MAX - 1)
+    }
+}
