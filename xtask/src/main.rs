@@ -1,15 +1,47 @@
 //! Project automation, run as `cargo xtask <command>` (see `cargo xtask help`).
 //!
-//! Commands shell out to cargo with one fixed feature set, so local runs and CI build the
-//! same artefacts.
+//! Commands shell out to cargo with one fixed feature set (each crate's defaults, which put
+//! the CPU `flex` backend under every test, bench and binary), so local runs and CI build the
+//! same artefacts. The GPU feature checks build in their own target folders.
 
+mod ci;
 mod rdata;
 mod setup;
 
+use anyhow::bail;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [options]
+
+commands:
+  ci [--skip-gpu] [--keep-going]
+        everything CI runs, cheapest first: fmt --check, clippy, rustdoc, tests (nextest or
+        cargo test, then doctests), bench compile check, kv-core tests on wgpu (when a Vulkan
+        driver is installed) and a cuda type-check; --skip-gpu leaves out the last two,
+        --keep-going runs every step and reports all failures at the end
+  test [--wgpu] [--keep-going]
+        the workspace tests (nextest when installed, else cargo test) and the doctests;
+        --wgpu adds the kv-core tests on wgpu
+  bench [--check] [-- CRITERION_ARGS...]
+        run the criterion benches in release, passing CRITERION_ARGS through
+        (e.g. `-- --warm-up-time 1 --measurement-time 3`); --check only compiles them (debug)
+  setup [--check]
+        fetch and verify the real model and text (see `cargo xtask setup --help`)
+  help  this text";
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let rest = args.get(1..).unwrap_or_default();
     match args.first().map(String::as_str) {
-        Some("setup") => setup::run(&args[1..]),
-        _ => anyhow::bail!("usage: cargo xtask setup"),
+        Some("ci") => ci::ci(rest),
+        Some("test") => ci::test(rest),
+        Some("bench") => ci::bench(rest),
+        Some("setup") => setup::run(rest),
+        Some("help" | "-h" | "--help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown command `{other}`\n\n{USAGE}"),
+        None => bail!("no command given\n\n{USAGE}"),
     }
 }

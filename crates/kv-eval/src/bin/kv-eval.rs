@@ -1,0 +1,500 @@
+//! `kv-eval`: perplexity, kept tokens and method comparisons on a real model and text.
+//! Run `kv-eval help` for the commands; `docs/eval-cli.md` documents them and their JSON.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kv_eval::assets::{self, LoadedModel};
+use kv_eval::kept::{KeptReport, kept_positions};
+use kv_eval::method::{self, MethodSpec, parse_pipeline};
+use kv_eval::ppl::{self, Protocol};
+use kv_eval::report::{PPL_HEADER, PplReport, ppl_row, table};
+use kv_eval::{EvalError, Result};
+
+const USAGE: &str = "\
+kv-eval: evaluate KV-cache compression on a real model and text
+
+USAGE:
+  kv-eval ppl     [--model PATH] [--text PATH] [--start-at STR] --prefill N --score N
+                  [--protocol a|windows|stream] [--windows K]
+                  [--method NAME [--ratio R] [--param k=v ...] | --pipeline SPEC | --config FILE]
+                  [--bos] [--tokenizer GGUF] [--json OUT]
+  kv-eval kept    [--model PATH] [--text PATH] [--start-at STR] --tokens N --prefill P
+                  --method NAME [--ratio R] [--param k=v ...] [--json OUT]
+  kv-eval forward [--model PATH] [--text PATH] [--start-at STR] --tokens N [--json OUT]
+  kv-eval compare [--model PATH] [--text PATH] [--start-at STR] [--prefill N] [--score N]
+                  [--protocol a|windows|stream] [--methods all|NAME,NAME] [--json OUT]
+  kv-eval methods
+
+Defaults: --model and --text point into the asset folder ($KV_ASSETS_DIR or ./assets, filled
+by `cargo xtask setup`): the SmolLM2-135M GGUF and Pride and Prejudice. Without --method,
+--pipeline or --config, ppl uses the full cache. `compare` defaults to protocol A (prefill
+3072, score 1024, from \"It is a truth universally\") over every registered method.";
+
+/// Parsed `--flag value` arguments (flags may repeat).
+struct Args {
+    values: BTreeMap<String, Vec<String>>,
+    switches: Vec<String>,
+}
+
+const SWITCHES: [&str; 1] = ["bos"];
+
+impl Args {
+    fn parse(raw: &[String]) -> Result<Self> {
+        let mut values: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut switches = Vec::new();
+        let mut it = raw.iter();
+        while let Some(a) = it.next() {
+            let Some(name) = a.strip_prefix("--") else {
+                return Err(EvalError::Usage(format!(
+                    "unexpected argument `{a}`\n\n{USAGE}"
+                )));
+            };
+            if SWITCHES.contains(&name) {
+                switches.push(name.to_owned());
+                continue;
+            }
+            let v = it
+                .next()
+                .ok_or_else(|| EvalError::Usage(format!("--{name} needs a value")))?;
+            values.entry(name.to_owned()).or_default().push(v.clone());
+        }
+        Ok(Args { values, switches })
+    }
+    fn get(&self, k: &str) -> Option<&str> {
+        self.values
+            .get(k)
+            .and_then(|v| v.last())
+            .map(String::as_str)
+    }
+    fn all(&self, k: &str) -> &[String] {
+        self.values.get(k).map_or(&[], Vec::as_slice)
+    }
+    fn flag(&self, k: &str) -> bool {
+        self.switches.iter().any(|s| s == k)
+    }
+    fn usize(&self, k: &str) -> Result<Option<usize>> {
+        self.get(k)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| EvalError::Usage(format!("--{k} `{v}` is not a count")))
+            })
+            .transpose()
+    }
+    fn need_usize(&self, k: &str) -> Result<usize> {
+        self.usize(k)?
+            .ok_or_else(|| EvalError::Usage(format!("--{k} is required\n\n{USAGE}")))
+    }
+    fn check_known(&self, known: &[&str]) -> Result<()> {
+        for k in self.values.keys().chain(&self.switches) {
+            if !known.contains(&k.as_str()) {
+                return Err(EvalError::Usage(format!("unknown option --{k}\n\n{USAGE}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn main() {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = run(&raw) {
+        eprintln!("error: {e}");
+        std::process::exit(2);
+    }
+}
+
+fn run(raw: &[String]) -> Result<()> {
+    let Some(cmd) = raw.first() else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let args = Args::parse(&raw[1..])?;
+    match cmd.as_str() {
+        "ppl" => cmd_ppl(&args),
+        "kept" => cmd_kept(&args),
+        "forward" => cmd_forward(&args),
+        "compare" => cmd_compare(&args),
+        "methods" => {
+            let rows: Vec<Vec<String>> = method::registry()
+                .iter()
+                .map(|e| {
+                    let mut p: Vec<&str> = e.params.to_vec();
+                    if e.takes_ratio {
+                        p.insert(0, "ratio");
+                    }
+                    vec![e.name.to_owned(), p.join(","), e.summary.to_owned()]
+                })
+                .collect();
+            println!("{}", table(&["method", "params", "what"], &rows));
+            Ok(())
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        other => Err(EvalError::Usage(format!(
+            "unknown command `{other}`\n\n{USAGE}"
+        ))),
+    }
+}
+
+const COMMON: [&str; 5] = ["model", "text", "start-at", "tokenizer", "json"];
+
+fn load(args: &Args) -> Result<(LoadedModel, PathBuf, PathBuf)> {
+    let model_path = args
+        .get("model")
+        .map_or_else(assets::default_model_path, PathBuf::from);
+    let text_path = args
+        .get("text")
+        .map_or_else(|| assets::book_path("prideprejudice"), PathBuf::from);
+    let device = kv_testkit::test_device();
+    let t = Instant::now();
+    let loaded = assets::load_model(&model_path, args.get("tokenizer").map(Path::new), &device)?;
+    eprintln!(
+        "loaded {} in {:.1}s on {device:?}",
+        model_path.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok((loaded, model_path, text_path))
+}
+
+fn token_ids(
+    loaded: &LoadedModel,
+    text_path: &Path,
+    start_at: Option<&str>,
+    bos: bool,
+) -> Result<Vec<u32>> {
+    let text = assets::read_text(text_path, start_at)?;
+    // Tokenize a generous prefix only (BPE cost is linear; books are long).
+    let mut ids = Vec::new();
+    if bos {
+        ids.extend(loaded.tokenizer.bos_id());
+    }
+    ids.extend(loaded.tokenizer.encode(&text));
+    Ok(ids)
+}
+
+fn stages(args: &Args) -> Result<Vec<MethodSpec>> {
+    let given = ["method", "pipeline", "config"]
+        .iter()
+        .filter(|k| args.get(k).is_some())
+        .count();
+    if given > 1 {
+        return Err(EvalError::Usage(
+            "give one of --method, --pipeline, --config".into(),
+        ));
+    }
+    if let Some(p) = args.get("pipeline") {
+        return parse_pipeline(p);
+    }
+    if let Some(path) = args.get("config") {
+        let s = std::fs::read_to_string(path).map_err(|e| EvalError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Config {
+            version: u32,
+            stages: Vec<MethodSpec>,
+        }
+        let c: Config = serde_json::from_str(&s)
+            .map_err(|e| EvalError::Usage(format!("config {path}: {e}")))?;
+        if c.version != 1 {
+            return Err(EvalError::Usage(format!(
+                "config {path}: version {} is not supported (1)",
+                c.version
+            )));
+        }
+        return Ok(c.stages);
+    }
+    let mut spec = MethodSpec {
+        name: args.get("method").unwrap_or("full").to_owned(),
+        ratio: None,
+        params: BTreeMap::new(),
+    };
+    if let Some(r) = args.get("ratio") {
+        spec.set_param("ratio", r)?;
+    }
+    for p in args.all("param") {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| EvalError::Usage(format!("--param `{p}` is not key=value")))?;
+        spec.set_param(k, v)?;
+    }
+    Ok(vec![spec])
+}
+
+fn write_json<T: serde::Serialize>(args: &Args, value: &T) -> Result<()> {
+    if let Some(path) = args.get("json") {
+        let s = serde_json::to_string_pretty(value).map_err(|e| EvalError::Usage(e.to_string()))?;
+        std::fs::write(path, s + "\n").map_err(|e| EvalError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments, reason = "one call site per command")]
+fn run_ppl(
+    loaded: &LoadedModel,
+    ids: &[u32],
+    stages: Vec<MethodSpec>,
+    protocol: Protocol,
+    prefill: usize,
+    score: usize,
+    max_windows: Option<usize>,
+    label: (String, String, Option<String>, bool),
+) -> Result<PplReport> {
+    let model = &loaded.model;
+    let mut caches = method::build_caches(
+        &stages,
+        model.config().num_hidden_layers,
+        model.kv_shape(1)?,
+        model.device(),
+    )?;
+    let span = prefill + score;
+    let starts: Vec<usize> = match protocol {
+        Protocol::A | Protocol::Stream => vec![0],
+        Protocol::Windows => {
+            let n = ids.len() / span;
+            (0..n.min(max_windows.unwrap_or(usize::MAX)))
+                .map(|i| i * span)
+                .collect()
+        }
+    };
+    if starts.is_empty() || ids.len() < span {
+        return Err(EvalError::Text(format!(
+            "need at least {span} tokens, the text gives {}",
+            ids.len()
+        )));
+    }
+    let mut windows = Vec::with_capacity(starts.len());
+    for (i, &s) in starts.iter().enumerate() {
+        let w = ppl::run_window(
+            model,
+            &mut caches,
+            &ids[s..s + span],
+            prefill,
+            score,
+            protocol == Protocol::Stream,
+            s,
+        )?;
+        eprintln!(
+            "[{}/{}] {} window at token {s}: ppl {:.3}",
+            i + 1,
+            starts.len(),
+            stages_line(&stages),
+            w.ppl
+        );
+        windows.push(w);
+    }
+    let (m, t, start_at, bos) = label;
+    Ok(PplReport::from_windows(
+        windows,
+        stages,
+        protocol,
+        prefill,
+        score,
+        m,
+        t,
+        start_at,
+        bos,
+        format!("{:?}", model.device()),
+    ))
+}
+
+fn stages_line(stages: &[MethodSpec]) -> String {
+    stages
+        .iter()
+        .map(MethodSpec::to_stage_string)
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+fn cmd_ppl(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend([
+        "prefill", "score", "protocol", "windows", "method", "ratio", "param", "pipeline",
+        "config", "bos",
+    ]);
+    args.check_known(&known)?;
+    let stages = stages(args)?;
+    for s in &stages {
+        method::lookup(s)?;
+    }
+    let protocol: Protocol = args.get("protocol").unwrap_or("a").parse()?;
+    let (prefill, score) = (args.need_usize("prefill")?, args.need_usize("score")?);
+    let (loaded, mp, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, args.get("start-at"), args.flag("bos"))?;
+    let label = (
+        mp.display().to_string(),
+        tp.display().to_string(),
+        args.get("start-at").map(str::to_owned),
+        args.flag("bos"),
+    );
+    let r = run_ppl(
+        &loaded,
+        &ids,
+        stages,
+        protocol,
+        prefill,
+        score,
+        args.usize("windows")?,
+        label,
+    )?;
+    println!("{}", table(&PPL_HEADER, &[ppl_row(&r, None)]));
+    if protocol == Protocol::Windows {
+        println!(
+            "{} windows: ppl mean {:.3} std {:.3}",
+            r.windows.len(),
+            r.window_ppl_mean,
+            r.window_ppl_std
+        );
+    }
+    write_json(args, &r)
+}
+
+fn cmd_kept(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend([
+        "tokens", "prefill", "method", "ratio", "param", "pipeline", "config",
+    ]);
+    args.check_known(&known)?;
+    let stages = stages(args)?;
+    let (n, prefill) = (args.need_usize("tokens")?, args.need_usize("prefill")?);
+    let (loaded, _, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, args.get("start-at"), false)?;
+    if ids.len() < n {
+        return Err(EvalError::Text(format!(
+            "need {n} tokens, the text gives {}",
+            ids.len()
+        )));
+    }
+    let model = &loaded.model;
+    let mut caches = method::build_caches(
+        &stages,
+        model.config().num_hidden_layers,
+        model.kv_shape(1)?,
+        model.device(),
+    )?;
+    let layers = kept_positions(model, &mut caches, &ids[..n], prefill)?;
+    let rows: Vec<Vec<String>> = layers
+        .iter()
+        .enumerate()
+        .map(|(l, heads)| {
+            vec![
+                l.to_string(),
+                heads
+                    .iter()
+                    .map(|h| h.len().to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            ]
+        })
+        .collect();
+    println!("{}", table(&["layer", "kept per KV head"], &rows));
+    let report = KeptReport {
+        layers,
+        method: stages_line(&stages),
+        stages,
+        tokens: n,
+        prefill,
+    };
+    write_json(args, &report)
+}
+
+fn cmd_forward(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend(["tokens", "bos"]);
+    args.check_known(&known)?;
+    let n = args.need_usize("tokens")?;
+    let (loaded, _, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, args.get("start-at"), args.flag("bos"))?;
+    if ids.len() < n || n < 2 {
+        return Err(EvalError::Text(format!(
+            "need {n} >= 2 tokens, the text gives {}",
+            ids.len()
+        )));
+    }
+    let model = &loaded.model;
+    let mut caches = method::build_caches(
+        &[MethodSpec::full()],
+        model.config().num_hidden_layers,
+        model.kv_shape(1)?,
+        model.device(),
+    )?;
+    let t = Instant::now();
+    let nll = ppl::full_forward_nll(model, &mut caches, &ids[..n])?;
+    let secs = t.elapsed().as_secs_f64();
+    println!(
+        "one forward over {n} tokens: nll {nll:.5}, ppl {:.3} ({:.0} tok/s)",
+        nll.exp(),
+        n as f64 / secs
+    );
+    write_json(
+        args,
+        &serde_json::json!({"tokens": n, "nll": nll, "ppl": nll.exp(), "tokens_per_s": n as f64 / secs}),
+    )
+}
+
+fn cmd_compare(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend(["prefill", "score", "protocol", "methods", "windows"]);
+    args.check_known(&known)?;
+    let start_at = args
+        .get("start-at")
+        .unwrap_or("It is a truth universally")
+        .to_owned();
+    let prefill = args.usize("prefill")?.unwrap_or(3072);
+    let score = args.usize("score")?.unwrap_or(1024);
+    let protocol: Protocol = args.get("protocol").unwrap_or("a").parse()?;
+    let names: Vec<String> = match args.get("methods").unwrap_or("all") {
+        "all" => method::registry()
+            .iter()
+            .map(|e| e.name.to_owned())
+            .collect(),
+        list => list.split(',').map(str::to_owned).collect(),
+    };
+    let specs: Vec<MethodSpec> = names
+        .iter()
+        .map(|n| MethodSpec::parse_stage(n))
+        .collect::<Result<_>>()?;
+    for s in &specs {
+        method::lookup(s)?;
+    }
+    let (loaded, mp, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, Some(&start_at), false)?;
+    let mut reports = Vec::new();
+    for spec in specs {
+        let label = (
+            mp.display().to_string(),
+            tp.display().to_string(),
+            Some(start_at.clone()),
+            false,
+        );
+        reports.push(run_ppl(
+            &loaded,
+            &ids,
+            vec![spec],
+            protocol,
+            prefill,
+            score,
+            args.usize("windows")?,
+            label,
+        )?);
+    }
+    let full = reports.iter().find(|r| r.method == "full").map(|r| r.ppl);
+    let rows: Vec<Vec<String>> = reports.iter().map(|r| ppl_row(r, full)).collect();
+    println!(
+        "\nprotocol {protocol:?}: prefill {prefill}, score {score}, text {} from {start_at:?}, model {}\n",
+        tp.display(),
+        mp.display()
+    );
+    println!("{}", table(&PPL_HEADER, &rows));
+    println!("\nreference (HF transformers fp32, same model/text/protocol): full cache ppl 20.742");
+    write_json(args, &reports)
+}

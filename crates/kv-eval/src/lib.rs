@@ -1,0 +1,15 @@
+//! The evaluation harness of kv-compress: perplexity under any cache method on a real model
+//! and text (three protocols), the token positions a method keeps, memory and speed, as
+//! tables and JSON. The `kv-eval` binary is its command line.
+//!
+//! It does not implement compression methods; it finds them by name in [`method::registry`],
+//! which lists what the technique crates provide.
+
+pub mod assets;
+mod error;
+pub mod kept;
+pub mod method;
+pub mod ppl;
+pub mod report;
+
+pub use error::{EvalError, Result};

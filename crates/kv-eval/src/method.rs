@@ -1,0 +1,247 @@
+//! Cache methods by name: the spec users write (`--method NAME --ratio R --param k=v`, or a
+//! one-line pipeline `name:k=v,k=v|name:...`) and the registry that turns it into caches.
+
+use std::collections::BTreeMap;
+
+use burn::prelude::*;
+use kv_core::{DenseCacheConfig, KvCache, KvShape, LayerCaches, StorageDtype};
+use serde::{Deserialize, Serialize};
+
+use crate::{EvalError, Result};
+
+/// One method (or pipeline stage) with its parameters, as written by the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MethodSpec {
+    /// The method's name (kvpress's name where kvpress has the method).
+    pub name: String,
+    /// The fraction of tokens removed (kvpress's `compression_ratio`), for methods that take it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// Further parameters, `key=value`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub params: BTreeMap<String, String>,
+}
+
+impl MethodSpec {
+    /// The full cache.
+    pub fn full() -> Self {
+        MethodSpec {
+            name: "full".into(),
+            ratio: None,
+            params: BTreeMap::new(),
+        }
+    }
+
+    /// Parses one stage of the one-line form: `name` or `name:key=value,key=value`
+    /// (`ratio=R` becomes [`MethodSpec::ratio`]).
+    ///
+    /// # Errors
+    /// [`EvalError::Usage`] for an empty name or a parameter without `=`.
+    pub fn parse_stage(stage: &str) -> Result<Self> {
+        let (name, rest) = match stage.split_once(':') {
+            Some((n, r)) => (n.trim(), Some(r)),
+            None => (stage.trim(), None),
+        };
+        if name.is_empty() {
+            return Err(EvalError::Usage(format!(
+                "pipeline stage `{stage}` has no method name"
+            )));
+        }
+        let mut spec = MethodSpec {
+            name: name.to_owned(),
+            ratio: None,
+            params: BTreeMap::new(),
+        };
+        for kv in rest
+            .into_iter()
+            .flat_map(|r| r.split(','))
+            .filter(|s| !s.trim().is_empty())
+        {
+            let (k, v) = kv.split_once('=').ok_or_else(|| {
+                EvalError::Usage(format!("stage `{name}`: parameter `{kv}` is not key=value"))
+            })?;
+            spec.set_param(k.trim(), v.trim())?;
+        }
+        Ok(spec)
+    }
+
+    /// Sets a parameter; `ratio` is parsed into [`MethodSpec::ratio`].
+    ///
+    /// # Errors
+    /// [`EvalError::BadParam`] for a ratio that is not a number in `[0, 1)`.
+    pub fn set_param(&mut self, key: &str, value: &str) -> Result<()> {
+        if key == "ratio" {
+            let r: f64 = value
+                .parse()
+                .map_err(|_| self.bad("ratio", "not a number"))?;
+            if !(0.0..1.0).contains(&r) {
+                return Err(self.bad("ratio", "must be in [0, 1): the fraction of tokens removed"));
+            }
+            self.ratio = Some(r);
+        } else {
+            self.params.insert(key.to_owned(), value.to_owned());
+        }
+        Ok(())
+    }
+
+    fn bad(&self, param: &str, reason: &str) -> EvalError {
+        EvalError::BadParam {
+            method: self.name.clone(),
+            param: param.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// The one-line form of this stage.
+    pub fn to_stage_string(&self) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        if let Some(r) = self.ratio {
+            parts.push(format!("ratio={r}"));
+        }
+        parts.extend(self.params.iter().map(|(k, v)| format!("{k}={v}")));
+        if parts.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}:{}", self.name, parts.join(","))
+        }
+    }
+}
+
+/// Parses a one-line pipeline, `stage|stage|...`.
+///
+/// # Errors
+/// As [`MethodSpec::parse_stage`], or an empty pipeline.
+pub fn parse_pipeline(line: &str) -> Result<Vec<MethodSpec>> {
+    let stages: Vec<MethodSpec> = line
+        .split('|')
+        .filter(|s| !s.trim().is_empty())
+        .map(MethodSpec::parse_stage)
+        .collect::<Result<_>>()?;
+    if stages.is_empty() {
+        return Err(EvalError::Usage("empty pipeline".into()));
+    }
+    Ok(stages)
+}
+
+/// What a method factory gets to build one layer's cache.
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    /// Layer index.
+    pub layer: usize,
+    /// Number of layers of the model.
+    pub num_layers: usize,
+    /// The layer's cache shape.
+    pub shape: KvShape,
+    /// The device.
+    pub device: Device,
+}
+
+/// Builds one layer's cache for a spec.
+pub type Factory = fn(&MethodSpec, &LayerContext) -> Result<Box<dyn KvCache>>;
+
+/// A registered method.
+#[derive(Debug, Clone)]
+pub struct MethodEntry {
+    /// The name users write.
+    pub name: &'static str,
+    /// One line on what it is.
+    pub summary: &'static str,
+    /// Parameter names it accepts (besides `ratio` when `takes_ratio`).
+    pub params: &'static [&'static str],
+    /// Whether it takes `--ratio`.
+    pub takes_ratio: bool,
+    /// The factory.
+    pub build: Factory,
+}
+
+/// Every method the harness knows. Technique crates add their methods here as they land.
+pub fn registry() -> Vec<MethodEntry> {
+    vec![
+        MethodEntry {
+            name: "full",
+            summary: "uncompressed dense cache, fp32 storage (what the model computes with)",
+            params: &[],
+            takes_ratio: false,
+            build: |_, cx| {
+                Ok(Box::new(DenseCacheConfig::new(cx.shape).init(&cx.device)?) as Box<dyn KvCache>)
+            },
+        },
+        MethodEntry {
+            name: "dense_fp16",
+            summary: "uncompressed dense cache stored in fp16 (the HF/vLLM default dtype)",
+            params: &[],
+            takes_ratio: false,
+            build: |_, cx| {
+                let cfg = DenseCacheConfig::new(cx.shape).with_dtype(StorageDtype::F16);
+                Ok(Box::new(cfg.init(&cx.device)?) as Box<dyn KvCache>)
+            },
+        },
+    ]
+}
+
+/// Looks a method up and checks its parameters.
+///
+/// # Errors
+/// [`EvalError::UnknownMethod`] or [`EvalError::BadParam`].
+pub fn lookup(spec: &MethodSpec) -> Result<MethodEntry> {
+    let reg = registry();
+    let entry = reg
+        .iter()
+        .find(|e| e.name == spec.name)
+        .cloned()
+        .ok_or_else(|| EvalError::UnknownMethod {
+            name: spec.name.clone(),
+            known: reg.iter().map(|e| e.name).collect::<Vec<_>>().join(", "),
+        })?;
+    if spec.ratio.is_some() && !entry.takes_ratio {
+        return Err(EvalError::BadParam {
+            method: spec.name.clone(),
+            param: "ratio".into(),
+            reason: "this method takes no compression ratio".into(),
+        });
+    }
+    if let Some(p) = spec
+        .params
+        .keys()
+        .find(|p| !entry.params.contains(&p.as_str()))
+    {
+        return Err(EvalError::BadParam {
+            method: spec.name.clone(),
+            param: p.clone(),
+            reason: format!("unknown parameter; accepted: {}", entry.params.join(", ")),
+        });
+    }
+    Ok(entry)
+}
+
+/// Builds the per-layer caches of a pipeline for a model with `num_layers` layers.
+///
+/// # Errors
+/// Unknown methods, bad parameters, or pipelines of more than one stage (composition arrives
+/// with `kv-compose`).
+pub fn build_caches(
+    stages: &[MethodSpec],
+    num_layers: usize,
+    shape: KvShape,
+    device: &Device,
+) -> Result<LayerCaches> {
+    let [spec] = stages else {
+        return Err(EvalError::Usage(format!(
+            "pipelines of {} stages need kv-compose, which is not built yet; \
+             give a single method",
+            stages.len()
+        )));
+    };
+    let entry = lookup(spec)?;
+    let mut layers: Vec<Box<dyn KvCache>> = Vec::with_capacity(num_layers);
+    for layer in 0..num_layers {
+        let cx = LayerContext {
+            layer,
+            num_layers,
+            shape,
+            device: device.clone(),
+        };
+        layers.push((entry.build)(spec, &cx)?);
+    }
+    Ok(LayerCaches::new(layers))
+}

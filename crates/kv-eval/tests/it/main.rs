@@ -1,0 +1,5 @@
+//! Integration tests of kv-eval: spec parsing, the registry, and the perplexity protocols on
+//! the tiny fixture model (no network, no assets needed).
+
+mod protocols;
+mod specs;
