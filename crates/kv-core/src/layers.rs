@@ -30,6 +30,10 @@ impl LayerCaches {
             layers: (0..n).map(&mut make).collect::<Result<_>>()?,
         })
     }
+    /// Unwraps the per-layer caches.
+    pub fn into_layers(self) -> Vec<Box<dyn KvCache>> {
+        self.layers
+    }
     /// Number of layers.
     pub fn len(&self) -> usize {
         self.layers.len()

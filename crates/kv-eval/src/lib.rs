@@ -7,9 +7,13 @@
 
 pub mod assets;
 mod error;
+pub mod fidelity;
 pub mod kept;
 pub mod method;
+pub mod needle;
+pub mod plot;
 pub mod ppl;
 pub mod report;
+pub mod speed;
 
 pub use error::{EvalError, Result};

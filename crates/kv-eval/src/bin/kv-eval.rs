@@ -8,9 +8,10 @@ use std::time::Instant;
 use kv_eval::assets::{self, LoadedModel};
 use kv_eval::kept::{KeptReport, kept_positions};
 use kv_eval::method::{self, MethodSpec, parse_pipeline};
+use kv_eval::plot::{Plot, Series};
 use kv_eval::ppl::{self, Protocol};
 use kv_eval::report::{PPL_HEADER, PplReport, ppl_row, table};
-use kv_eval::{EvalError, Result};
+use kv_eval::{EvalError, Result, fidelity, needle, speed};
 
 const USAGE: &str = "\
 kv-eval: evaluate KV-cache compression on a real model and text
@@ -25,6 +26,15 @@ USAGE:
   kv-eval forward [--model PATH] [--text PATH] [--start-at STR] --tokens N [--json OUT]
   kv-eval compare [--model PATH] [--text PATH] [--start-at STR] [--prefill N] [--score N]
                   [--protocol a|windows|stream] [--methods all|NAME,NAME] [--json OUT]
+  kv-eval fidelity [--model PATH] [--text PATH] [--start-at STR] --prefill N --score N
+                  [--method ... | --pipeline ... | --config ...] [--json OUT]
+  kv-eval needle  [--model PATH] [--text PATH] [--lengths 2048,4096,8192] [--depths 0.1,0.5,0.9]
+                  [--seed S] [--method ... | --pipeline ... | --config ...] [--json OUT]
+  kv-eval sweep   [--model PATH] [--text PATH] [--start-at STR] [--prefill N] [--score N]
+                  [--protocol a|windows|stream] [--methods all|NAME,NAME] [--ratios 0.5,0.75,0.9]
+                  --out DIR
+  kv-eval speed   [--model PATH] [--text PATH] [--contexts 1024,4096] [--decode N]
+                  [--method ... | --pipeline ... | --config ...] [--json OUT]
   kv-eval methods
 
 Defaults: --model and --text point into the asset folder ($KV_ASSETS_DIR or ./assets, filled
@@ -115,6 +125,10 @@ fn run(raw: &[String]) -> Result<()> {
         "kept" => cmd_kept(&args),
         "forward" => cmd_forward(&args),
         "compare" => cmd_compare(&args),
+        "fidelity" => cmd_fidelity(&args),
+        "needle" => cmd_needle(&args),
+        "sweep" => cmd_sweep(&args),
+        "speed" => cmd_speed(&args),
         "methods" => {
             let rows: Vec<Vec<String>> = method::registry()
                 .iter()
@@ -497,4 +511,291 @@ fn cmd_compare(args: &Args) -> Result<()> {
     println!("{}", table(&PPL_HEADER, &rows));
     println!("\nreference (HF transformers fp32, same model/text/protocol): full cache ppl 20.742");
     write_json(args, &reports)
+}
+
+const METHOD_OPTS: [&str; 5] = ["method", "ratio", "param", "pipeline", "config"];
+
+fn list<T: std::str::FromStr>(args: &Args, key: &str, default: &str) -> Result<Vec<T>> {
+    args.get(key)
+        .unwrap_or(default)
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .map_err(|_| EvalError::Usage(format!("--{key}: `{v}` is not valid")))
+        })
+        .collect()
+}
+
+fn caches_for(loaded: &LoadedModel, stages: &[MethodSpec]) -> Result<kv_core::LayerCaches> {
+    let m = &loaded.model;
+    method::build_caches(
+        stages,
+        m.config().num_hidden_layers,
+        m.kv_shape(1)?,
+        m.device(),
+    )
+}
+
+fn cmd_fidelity(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend(["prefill", "score"]);
+    known.extend(METHOD_OPTS);
+    args.check_known(&known)?;
+    let stages = stages(args)?;
+    let (p, c) = (args.need_usize("prefill")?, args.need_usize("score")?);
+    let (loaded, _, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, args.get("start-at"), false)?;
+    let layers = fidelity::measure(&loaded.model, caches_for(&loaded, &stages)?, &ids, p, c)?;
+    let rows: Vec<Vec<String>> = layers
+        .iter()
+        .map(|l| {
+            vec![
+                l.layer.to_string(),
+                format!("{:.2e}", l.attn_rel_err_prefill),
+                format!("{:.2e}", l.attn_rel_err_score),
+                format!("{:.2e}", l.key_rel_err),
+                format!("{:.2e}", l.value_rel_err),
+                format!("{:.3}", l.kept_fraction),
+                format!("{:.2}", l.memory_after_prefill.bits_per_element()),
+            ]
+        })
+        .collect();
+    println!("method {}", stages_line(&stages));
+    println!(
+        "{}",
+        table(
+            &[
+                "layer",
+                "attn err (prefill)",
+                "attn err (score)",
+                "K err",
+                "V err",
+                "kept",
+                "bits/elt"
+            ],
+            &rows
+        )
+    );
+    write_json(
+        args,
+        &serde_json::json!({"method": stages_line(&stages), "stages": stages, "prefill": p, "score": c, "layers": layers}),
+    )
+}
+
+fn cmd_needle(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend(["lengths", "depths", "seed"]);
+    known.extend(METHOD_OPTS);
+    args.check_known(&known)?;
+    let stages = stages(args)?;
+    let lengths: Vec<usize> = list(args, "lengths", "2048,4096,8192")?;
+    let depths: Vec<f64> = list(args, "depths", "0.1,0.5,0.9")?;
+    let seed: u64 = args
+        .get("seed")
+        .unwrap_or("0")
+        .parse()
+        .map_err(|_| EvalError::Usage("--seed is not a number".into()))?;
+    let (loaded, _, tp) = load(args)?;
+    let haystack = token_ids(&loaded, &tp, args.get("start-at"), false)?;
+    let mut caches = caches_for(&loaded, &stages)?;
+    let mut trials = Vec::new();
+    for &len in &lengths {
+        for &depth in &depths {
+            let t = needle::run_trial(
+                &loaded.model,
+                &loaded.tokenizer,
+                &mut caches,
+                &haystack,
+                len,
+                depth,
+                seed,
+            )?;
+            eprintln!(
+                "length {len} depth {depth}: key {} -> {:?} {}",
+                t.key,
+                t.answer,
+                if t.found { "found" } else { "missed" }
+            );
+            trials.push(t);
+        }
+    }
+    let rows: Vec<Vec<String>> = lengths
+        .iter()
+        .map(|&len| {
+            let ts: Vec<&needle::NeedleTrial> = trials.iter().filter(|t| t.length == len).collect();
+            let found = ts.iter().filter(|t| t.found).count();
+            let ratio =
+                ts.iter().map(|t| t.compression_ratio).sum::<f64>() / ts.len().max(1) as f64;
+            vec![
+                len.to_string(),
+                format!("{found}/{}", ts.len()),
+                format!("{ratio:.2}x"),
+            ]
+        })
+        .collect();
+    println!("method {}", stages_line(&stages));
+    println!("{}", table(&["length", "found", "vs fp16"], &rows));
+    let found = trials.iter().filter(|t| t.found).count();
+    write_json(
+        args,
+        &serde_json::json!({"method": stages_line(&stages), "stages": stages, "accuracy": found as f64 / trials.len().max(1) as f64, "trials": trials}),
+    )
+}
+
+fn cmd_speed(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend(["contexts", "decode"]);
+    known.extend(METHOD_OPTS);
+    args.check_known(&known)?;
+    let stages = stages(args)?;
+    let contexts: Vec<usize> = list(args, "contexts", "1024,4096")?;
+    let steps = args.usize("decode")?.unwrap_or(32);
+    let (loaded, _, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, args.get("start-at"), false)?;
+    let mut caches = caches_for(&loaded, &stages)?;
+    let mut results = Vec::new();
+    for &ctx in &contexts {
+        let r = speed::measure(&loaded.model, &mut caches, &ids, ctx, steps)?;
+        eprintln!(
+            "context {ctx}: prefill {:.1} tok/s, decode {:.2} tok/s",
+            r.prefill_tokens_per_s, r.decode_tokens_per_s
+        );
+        results.push(r);
+    }
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| {
+            vec![
+                r.context.to_string(),
+                format!("{:.1}", r.prefill_tokens_per_s),
+                format!("{:.2}", r.decode_tokens_per_s),
+            ]
+        })
+        .collect();
+    println!(
+        "method {} on {:?}",
+        stages_line(&stages),
+        loaded.model.device()
+    );
+    println!(
+        "{}",
+        table(&["context", "prefill tok/s", "decode tok/s"], &rows)
+    );
+    write_json(
+        args,
+        &serde_json::json!({"method": stages_line(&stages), "device": format!("{:?}", loaded.model.device()), "results": results}),
+    )
+}
+
+fn cmd_sweep(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend([
+        "prefill", "score", "protocol", "methods", "ratios", "windows", "out",
+    ]);
+    args.check_known(&known)?;
+    let out = PathBuf::from(
+        args.get("out")
+            .ok_or_else(|| EvalError::Usage(format!("--out DIR is required\n\n{USAGE}")))?,
+    );
+    let start_at = args
+        .get("start-at")
+        .unwrap_or("It is a truth universally")
+        .to_owned();
+    let prefill = args.usize("prefill")?.unwrap_or(3072);
+    let score = args.usize("score")?.unwrap_or(1024);
+    let protocol: Protocol = args.get("protocol").unwrap_or("a").parse()?;
+    let ratios: Vec<f64> = list(args, "ratios", "0.5,0.75,0.9")?;
+    let reg = method::registry();
+    let names: Vec<String> = match args.get("methods").unwrap_or("all") {
+        "all" => reg.iter().map(|e| e.name.to_owned()).collect(),
+        l => l.split(',').map(str::to_owned).collect(),
+    };
+    // Every method at every ratio it takes; methods without a ratio once. `full` always runs.
+    let mut grid: Vec<MethodSpec> = vec![MethodSpec::full()];
+    for n in &names {
+        let entry = method::lookup(&MethodSpec::parse_stage(n)?)?;
+        if entry.name == "full" {
+            continue;
+        }
+        if entry.takes_ratio {
+            for &r in &ratios {
+                let mut s = MethodSpec::parse_stage(n)?;
+                s.set_param("ratio", &r.to_string())?;
+                grid.push(s);
+            }
+        } else {
+            grid.push(MethodSpec::parse_stage(n)?);
+        }
+    }
+    let (loaded, mp, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, Some(&start_at), false)?;
+    let mut reports = Vec::new();
+    for (i, spec) in grid.into_iter().enumerate() {
+        eprintln!("sweep {}: {}", i + 1, spec.to_stage_string());
+        let label = (
+            mp.display().to_string(),
+            tp.display().to_string(),
+            Some(start_at.clone()),
+            false,
+        );
+        reports.push(run_ppl(
+            &loaded,
+            &ids,
+            vec![spec],
+            protocol,
+            prefill,
+            score,
+            args.usize("windows")?,
+            label,
+        )?);
+    }
+    let full = reports.first().map(|r| r.ppl);
+    let rows: Vec<Vec<String>> = reports.iter().map(|r| ppl_row(r, full)).collect();
+    let tbl = table(&PPL_HEADER, &rows);
+    println!("{tbl}");
+    // One series per method name, points ordered by stored bytes.
+    let mut series: Vec<Series> = Vec::new();
+    for r in reports.iter().skip(1) {
+        let name = r
+            .stages
+            .first()
+            .map_or_else(String::new, |s| s.name.clone());
+        let p = (r.stored_bytes as f64 / (1024.0 * 1024.0), r.ppl);
+        match series.iter_mut().find(|s| s.name == name) {
+            Some(s) => s.points.push(p),
+            None => series.push(Series {
+                name,
+                points: vec![p],
+            }),
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    let plot = Plot {
+        title: format!(
+            "Perplexity vs stored KV bytes (protocol {protocol:?}, prefill {prefill}, score {score})"
+        ),
+        x_label: "stored KV cache after prefill (MiB, all layers)".into(),
+        y_label: "perplexity".into(),
+        series,
+        reference: full.map(|f| (format!("full cache {f:.3}"), f)),
+    };
+    std::fs::create_dir_all(&out).map_err(|e| EvalError::Io {
+        path: out.clone(),
+        source: e,
+    })?;
+    let write = |name: &str, bytes: &[u8]| {
+        let p = out.join(name);
+        std::fs::write(&p, bytes).map_err(|e| EvalError::Io { path: p, source: e })
+    };
+    write("sweep.svg", plot.to_svg().as_bytes())?;
+    write("sweep.png", &plot.to_png()?)?;
+    write("sweep.md", format!("```\n{tbl}\n```\n").as_bytes())?;
+    let json =
+        serde_json::to_string_pretty(&reports).map_err(|e| EvalError::Usage(e.to_string()))?;
+    write("sweep.json", json.as_bytes())?;
+    eprintln!("wrote sweep.{{svg,png,md,json}} to {}", out.display());
+    Ok(())
 }

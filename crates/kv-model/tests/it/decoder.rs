@@ -206,3 +206,65 @@ fn real_model_reproduces_hf_keys_values_and_nll() {
         "continuation NLL {nll} vs HF 2.6174"
     );
 }
+
+#[test]
+fn batch_with_padding_equals_single_sequences() {
+    let Some(model) = tiny_model() else { return };
+    let h = model.config().hidden_size;
+    let a: Vec<u32> = (0..9).map(|i| (i * 31 + 7) % 1000).collect();
+    let b: Vec<u32> = (0..5).map(|i| (i * 17 + 3) % 1000).collect();
+    // Right-pad b to 9 tokens with PAD positions; ragged caches do not store the padding.
+    let mut tokens = a.clone();
+    tokens.extend(b.iter().copied().chain(std::iter::repeat_n(0, 4)));
+    let mut positions: Vec<u32> = (0..9).collect();
+    positions.extend((0..5).chain(std::iter::repeat_n(kv_core::PAD, 4)));
+    let shape = model.kv_shape(2).expect("shape");
+    let d = model.device().clone();
+    for ragged in [true, false] {
+        let mut caches = LayerCaches::try_from_fn(2, |_| {
+            Ok(if ragged {
+                Box::new(kv_core::RaggedCacheConfig::new(shape).init(&d)?) as Box<dyn KvCache>
+            } else {
+                Box::new(DenseCacheConfig::new(shape).init(&d)?) as Box<dyn KvCache>
+            })
+        })
+        .expect("caches");
+        let hid = model
+            .forward_hidden(&tokens, &positions, 2, &mut caches)
+            .expect("batch");
+        // One decode step each: a at position 9, b at position 5.
+        let step = model
+            .forward_hidden(&[11, 12], &[9, 5], 2, &mut caches)
+            .expect("decode");
+        for (row, seq) in [(0usize, &a), (1usize, &b)] {
+            let n = seq.len();
+            let mut single = dense_caches(&model);
+            let pos: Vec<u32> = (0..n as u32).collect();
+            let want = model
+                .forward_hidden(seq, &pos, 1, &mut single)
+                .expect("single");
+            let got = hid.clone().slice([row..row + 1, 0..n, 0..h]);
+            let diff = max_abs(
+                &as_f32(&got.unsqueeze::<4>()),
+                &as_f32(&want.unsqueeze::<4>()),
+            );
+            assert!(
+                diff < 1e-4,
+                "ragged={ragged} row {row}: prefill differs by {diff}"
+            );
+            let next = [11u32, 12][row];
+            let want = model
+                .forward_hidden(&[next], &[n as u32], 1, &mut single)
+                .expect("single step");
+            let got = step.clone().slice([row..row + 1, 0..1, 0..h]);
+            let diff = max_abs(
+                &as_f32(&got.unsqueeze::<4>()),
+                &as_f32(&want.unsqueeze::<4>()),
+            );
+            assert!(
+                diff < 1e-4,
+                "ragged={ragged} row {row}: decode differs by {diff}"
+            );
+        }
+    }
+}
