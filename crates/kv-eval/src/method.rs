@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use burn::prelude::*;
-use kv_core::{DenseCacheConfig, KvCache, KvShape, LayerCaches, StorageDtype};
+use kv_core::{DenseCacheConfig, KvCache, KvShape, LayerCaches, RopeConfig, StorageDtype};
 use serde::{Deserialize, Serialize};
 
 use crate::{EvalError, Result};
@@ -134,6 +134,8 @@ pub struct LayerContext {
     pub shape: KvShape,
     /// The device.
     pub device: Device,
+    /// The model's RoPE (for caches that store pre-RoPE keys or un-rotate queries).
+    pub rope: RopeConfig,
 }
 
 /// Builds one layer's cache for a spec.
@@ -223,6 +225,7 @@ pub fn build_caches(
     stages: &[MethodSpec],
     num_layers: usize,
     shape: KvShape,
+    rope: &RopeConfig,
     device: &Device,
 ) -> Result<LayerCaches> {
     let [spec] = stages else {
@@ -240,6 +243,7 @@ pub fn build_caches(
             num_layers,
             shape,
             device: device.clone(),
+            rope: rope.clone(),
         };
         layers.push((entry.build)(spec, &cx)?);
     }

@@ -268,6 +268,7 @@ fn run_ppl(
         &stages,
         model.config().num_hidden_layers,
         model.kv_shape(1)?,
+        model.rope().config(),
         model.device(),
     )?;
     let span = prefill + score;
@@ -393,6 +394,7 @@ fn cmd_kept(args: &Args) -> Result<()> {
         &stages,
         model.config().num_hidden_layers,
         model.kv_shape(1)?,
+        model.rope().config(),
         model.device(),
     )?;
     let layers = kept_positions(model, &mut caches, &ids[..n], prefill)?;
@@ -439,6 +441,7 @@ fn cmd_forward(args: &Args) -> Result<()> {
         &[MethodSpec::full()],
         model.config().num_hidden_layers,
         model.kv_shape(1)?,
+        model.rope().config(),
         model.device(),
     )?;
     let t = Instant::now();
@@ -533,6 +536,7 @@ fn caches_for(loaded: &LoadedModel, stages: &[MethodSpec]) -> Result<kv_core::La
         stages,
         m.config().num_hidden_layers,
         m.kv_shape(1)?,
+        m.rope().config(),
         m.device(),
     )
 }

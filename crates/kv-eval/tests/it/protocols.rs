@@ -41,6 +41,7 @@ fn protocols_agree_for_the_full_cache() {
         &stages,
         2,
         model.kv_shape(1).expect("shape"),
+        model.rope().config(),
         model.device(),
     )
     .expect("caches");
@@ -75,6 +76,7 @@ fn kept_positions_of_the_full_cache_are_everything() {
         &[MethodSpec::full()],
         2,
         model.kv_shape(1).expect("shape"),
+        model.rope().config(),
         model.device(),
     )
     .expect("caches");
@@ -92,8 +94,15 @@ fn kept_positions_of_the_full_cache_are_everything() {
 fn too_short_texts_and_multi_stage_pipelines_are_errors() {
     let Some(model) = tiny() else { return };
     let shape = model.kv_shape(1).expect("shape");
-    let mut caches = build_caches(&[MethodSpec::full()], 2, shape, model.device()).expect("caches");
+    let mut caches = build_caches(
+        &[MethodSpec::full()],
+        2,
+        shape,
+        model.rope().config(),
+        model.device(),
+    )
+    .expect("caches");
     assert!(run_window(&model, &mut caches, &ids()[..10], 8, 8, false, 0).is_err());
     let two = [MethodSpec::full(), MethodSpec::full()];
-    assert!(build_caches(&two, 2, shape, model.device()).is_err());
+    assert!(build_caches(&two, 2, shape, model.rope().config(), model.device()).is_err());
 }
