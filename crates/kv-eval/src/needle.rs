@@ -55,9 +55,29 @@ pub fn build_prompt(
     let needle = tok.encode(&format!(
         " The pass key is {key}. Remember it. {key} is the pass key. "
     ));
-    let question = tok.encode("\n\nWhat is the pass key? The pass key is");
+    // With the instruct model's chat markers when the vocabulary has them (SmolLM2 does):
+    // `<|im_start|>user\n{text}\nWhat is the pass key?<|im_end|>\n<|im_start|>assistant\n...`.
+    let (head, question) = match (
+        tok.token_to_id("<|im_start|>"),
+        tok.token_to_id("<|im_end|>"),
+    ) {
+        (Some(start), Some(end)) => {
+            let mut head = vec![start];
+            head.extend(tok.encode("user\nThere is a pass key hidden in this text. Find it.\n"));
+            let mut q = tok.encode("\n\nWhat is the pass key?");
+            q.push(end);
+            q.extend(tok.encode("\n"));
+            q.push(start);
+            q.extend(tok.encode("assistant\nThe pass key is"));
+            (head, q)
+        }
+        _ => (
+            Vec::new(),
+            tok.encode("\n\nWhat is the pass key? The pass key is"),
+        ),
+    };
     let fill = length
-        .checked_sub(needle.len() + question.len())
+        .checked_sub(head.len() + needle.len() + question.len())
         .ok_or_else(|| {
             EvalError::Text(format!(
                 "length {length} is too short for the needle and question"
@@ -71,6 +91,7 @@ pub fn build_prompt(
     }
     let at = ((fill as f64) * depth.clamp(0.0, 1.0)) as usize;
     let mut ids = Vec::with_capacity(length);
+    ids.extend_from_slice(&head);
     ids.extend_from_slice(&haystack[..at]);
     ids.extend_from_slice(&needle);
     ids.extend_from_slice(&haystack[at..fill]);

@@ -39,6 +39,19 @@ const COLORS: [&str; 10] = [
     "#bcbd22", "#17becf",
 ];
 
+/// Decimals that distinguish consecutive ticks.
+fn tick_decimals(ticks: &[f64]) -> usize {
+    let step = match ticks {
+        [a, b, ..] => (b - a).abs(),
+        _ => 1.0,
+    };
+    if step >= 1.0 {
+        0
+    } else {
+        ((-step.log10()).ceil() as usize + 1).min(6)
+    }
+}
+
 fn nice_ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
     let raw = span / n as f64;
@@ -100,7 +113,9 @@ impl Plot {
             LEFT,
             esc(&self.title)
         );
-        for t in nice_ticks(x0, x1, 8) {
+        let xt = nice_ticks(x0, x1, 8);
+        let xd = tick_decimals(&xt);
+        for t in xt {
             let x = sx(t);
             let _ = write!(
                 s,
@@ -111,10 +126,12 @@ impl Plot {
                 s,
                 r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
                 TOP + ph + 18.0,
-                fmt_tick(t)
+                format!("{t:.xd$}")
             );
         }
-        for t in nice_ticks(y0, y1, 8) {
+        let yt = nice_ticks(y0, y1, 8);
+        let yd = tick_decimals(&yt);
+        for t in yt {
             let y = sy(t);
             let _ = write!(
                 s,
@@ -126,7 +143,7 @@ impl Plot {
                 r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
                 LEFT - 6.0,
                 y + 4.0,
-                fmt_tick(t)
+                format!("{t:.yd$}")
             );
         }
         let _ = write!(
@@ -216,16 +233,6 @@ impl Plot {
     /// [`EvalError::Usage`] if the SVG cannot be parsed or the raster cannot be encoded.
     pub fn to_png(&self) -> Result<Vec<u8>> {
         svg_to_png(&self.to_svg())
-    }
-}
-
-fn fmt_tick(t: f64) -> String {
-    if t.abs() >= 100.0 || t == t.trunc() {
-        format!("{t:.0}")
-    } else if t.abs() >= 1.0 {
-        format!("{t:.1}")
-    } else {
-        format!("{t:.2}")
     }
 }
 

@@ -1,5 +1,6 @@
 //! Integration tests of kv-eval: spec parsing, the registry, and the perplexity protocols on
 //! the tiny fixture model (no network, no assets needed).
 
+mod plot;
 mod protocols;
 mod specs;
