@@ -124,9 +124,8 @@ impl Plot {
             );
             let _ = write!(
                 s,
-                r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{}</text>"#,
+                r#"<text x="{x:.1}" y="{:.1}" text-anchor="middle">{t:.xd$}</text>"#,
                 TOP + ph + 18.0,
-                format!("{t:.xd$}")
             );
         }
         let yt = nice_ticks(y0, y1, 8);
@@ -140,10 +139,9 @@ impl Plot {
             );
             let _ = write!(
                 s,
-                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+                r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{t:.yd$}</text>"#,
                 LEFT - 6.0,
                 y + 4.0,
-                format!("{t:.yd$}")
             );
         }
         let _ = write!(
