@@ -128,6 +128,22 @@ pub fn reference_attention(
             (p, kvh)
         }
     };
+    // Causal trimming: when every row's key positions are ascending (padding last), a query
+    // chunk can only see a prefix of the keys; the rest is skipped instead of masked.
+    let rows_sorted = kp_host
+        .chunks(t)
+        .all(|r| r.windows(2).all(|w| w[0] <= w[1]));
+    let visible_prefix = |qmax: u32| -> usize {
+        if !rows_sorted {
+            return t;
+        }
+        kp_host
+            .chunks(t)
+            .map(|r| r.partition_point(|&p| p <= qmax))
+            .max()
+            .unwrap_or(t)
+            .max(1)
+    };
     let kp: Vec<i32> = kp_host.iter().map(|&p| to_key_i32(p)).collect();
     let kp = Tensor::<1, Int>::from_data(TensorData::new(kp, [kp_host.len()]), &device)
         .reshape([b, kp_heads, 1, t])
@@ -157,24 +173,47 @@ pub fn reference_attention(
         let qp = Tensor::<1, Int>::from_data(TensorData::new(qp, [b * g * rows]), &device)
             .reshape([b, 1, g * rows, 1])
             .cast(burn::tensor::IntDType::I32);
-        let shape = [b, kvh, g * rows, t];
-        let mask = kp.clone().expand(shape).greater(qp.expand(shape));
+        let qmax = (0..b)
+            .flat_map(|bi| q_pos[bi * n + start..bi * n + start + rows].iter().copied())
+            .filter(|&p| p != PAD)
+            .max()
+            .unwrap_or(0);
+        let te = visible_prefix(qmax);
+        let (kc, vc, kpc) = if te == t {
+            (k_t.clone(), v.clone(), kp.clone())
+        } else {
+            (
+                k_t.clone().slice([0..b, 0..kvh, 0..d, 0..te]),
+                v.clone().slice([0..b, 0..kvh, 0..te, 0..d]),
+                kp.clone().slice([0..b, 0..kp_heads, 0..1, 0..te]),
+            )
+        };
+        let shape = [b, kvh, g * rows, te];
+        let mask = kpc.expand(shape).greater(qp.expand(shape));
 
-        let scores = qc.matmul(k_t.clone()).mul_scalar(scale);
+        let scores = qc.matmul(kc).mul_scalar(scale);
         let scores = scores.mask_fill(mask.clone(), f32::NEG_INFINITY);
         // A row that sees no key has max -inf; clamping keeps exp(-inf - MIN) = 0, no NaN.
         let m = scores.clone().max_dim(3).clamp_min(f32::MIN);
         let e = (scores - m).exp();
         let denom = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
         let p = e / denom;
-        outs.push(p.clone().matmul(v.clone()).reshape([b, kvh, g, rows, d]));
+        outs.push(p.clone().matmul(vc).reshape([b, kvh, g, rows, d]));
+        let widen = |x: Tensor<4>| {
+            if te == t {
+                x
+            } else {
+                Tensor::cat(vec![x, Tensor::zeros([b, kvh, g, t - te], &device)], 3)
+            }
+        };
 
         if stats.column_sums {
             let c = p
                 .clone()
-                .reshape([b, kvh, g, rows, t])
+                .reshape([b, kvh, g, rows, te])
                 .sum_dim(3)
-                .reshape([b, kvh, g, t]);
+                .reshape([b, kvh, g, te]);
+            let c = widen(c);
             col = Some(match col {
                 Some(acc) => acc + c,
                 None => c,
@@ -182,9 +221,9 @@ pub fn reference_attention(
         }
         if stats.last_row && start + rows == n {
             let l =
-                p.reshape([b, kvh, g, rows, t])
-                    .slice([0..b, 0..kvh, 0..g, rows - 1..rows, 0..t]);
-            last = Some(l.reshape([b, kvh, g, t]));
+                p.reshape([b, kvh, g, rows, te])
+                    .slice([0..b, 0..kvh, 0..g, rows - 1..rows, 0..te]);
+            last = Some(widen(l.reshape([b, kvh, g, te])));
         }
         start += rows;
     }
