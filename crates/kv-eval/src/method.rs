@@ -178,6 +178,96 @@ pub fn registry() -> Vec<MethodEntry> {
                 Ok(Box::new(cfg.init(&cx.device)?) as Box<dyn KvCache>)
             },
         },
+        // kv-evict: prefill-time eviction, scores equal to kvpress 0.5.5 (`--ratio` is the
+        // fraction removed, 0.5 when not given).
+        MethodEntry {
+            name: "knorm",
+            summary: "evict by key norm, keep the lowest-norm keys (kvpress KnormPress)",
+            params: &[],
+            takes_ratio: true,
+            build: build_evict,
+        },
+        MethodEntry {
+            name: "snapkv",
+            summary: "observation-window voting, window 64, kernel 5 (kvpress SnapKVPress)",
+            params: &["window", "kernel", "gqa"],
+            takes_ratio: true,
+            build: build_evict,
+        },
+        MethodEntry {
+            name: "streaming_llm",
+            summary: "keep 4 sink tokens and the most recent prompt tokens (StreamingLLMPress)",
+            params: &["n_sink"],
+            takes_ratio: true,
+            build: build_evict,
+        },
+        MethodEntry {
+            name: "tova",
+            summary: "evict by the last prompt query's head-mean attention (kvpress TOVAPress)",
+            params: &[],
+            takes_ratio: true,
+            build: build_evict,
+        },
+        MethodEntry {
+            name: "observed_attention",
+            summary: "H2O at prefill: mean attention each token received (ObservedAttentionPress)",
+            params: &["gqa"],
+            takes_ratio: true,
+            build: build_evict,
+        },
+        MethodEntry {
+            name: "keydiff",
+            summary: "keep keys least similar to the mean key (kvpress KeyDiffPress)",
+            params: &[],
+            takes_ratio: true,
+            build: build_evict,
+        },
+        MethodEntry {
+            name: "expected_attention",
+            summary: "attention expected from future queries' statistics (ExpectedAttentionPress)",
+            params: &[
+                "n_future_positions",
+                "n_sink",
+                "use_covariance",
+                "use_vnorm",
+                "epsilon",
+                "gqa",
+            ],
+            takes_ratio: true,
+            build: build_evict,
+        },
+        MethodEntry {
+            name: "streaming_llm_decode",
+            summary: "StreamingLLM rolling cache: 4 sinks + 512 recent tokens, evicted while decoding",
+            params: &["n_sink", "recent"],
+            takes_ratio: false,
+            build: |spec, cx| {
+                let num = |key: &str, default: usize| -> Result<usize> {
+                    spec.params.get(key).map_or(Ok(default), |v| {
+                        v.parse().map_err(|_| EvalError::BadParam {
+                            method: spec.name.clone(),
+                            param: key.into(),
+                            reason: format!("`{v}` is not a token count"),
+                        })
+                    })
+                };
+                let cfg = kv_evict::StreamingConfig::new(
+                    cx.shape,
+                    num("n_sink", 4)?,
+                    num("recent", 512)?,
+                );
+                Ok(Box::new(cfg.init(&cx.device)?) as Box<dyn KvCache>)
+            },
+        },
+        // kv-quant: KIVI (per-channel keys, per-token values, fp window of recent tokens).
+        MethodEntry {
+            name: "kivi",
+            summary: "KIVI: keys per channel, values per token, b bits, groups of G, fp window R \
+                      (defaults bits=2, group=32, residual=128, fp16 scales and window)",
+            params: kv_quant::KiviConfig::PARAMS,
+            takes_ratio: false,
+            build: build_kivi,
+        },
     ]
 }
 
@@ -248,4 +338,44 @@ pub fn build_caches(
         layers.push((entry.build)(spec, &cx)?);
     }
     Ok(LayerCaches::new(layers))
+}
+
+/// Builds one layer's kv-evict cache (every kv-evict entry of [`registry`]); the ratio
+/// defaults to 0.5 when not given.
+fn build_evict(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = |e: kv_core::KvError| match e {
+        kv_core::KvError::InvalidConfig { field, reason } => EvalError::BadParam {
+            method: spec.name.clone(),
+            param: field.into(),
+            reason,
+        },
+        other => EvalError::Cache(other),
+    };
+    let scorer = kv_evict::ScorerConfig::from_params(
+        &spec.name,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(bad)?;
+    let cfg = kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
+        .with_rope(cx.rope.clone())
+        .with_layer(cx.layer, cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(bad)?) as Box<dyn KvCache>)
+}
+
+/// Builds one layer's KIVI cache (kv-quant); parameters map to [`kv_quant::KiviConfig`].
+fn build_kivi(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = |e: kv_core::KvError| match e {
+        kv_core::KvError::InvalidConfig { field, reason } => EvalError::BadParam {
+            method: spec.name.clone(),
+            param: field.into(),
+            reason,
+        },
+        other => EvalError::Cache(other),
+    };
+    let cfg = kv_quant::KiviConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(bad)?) as Box<dyn KvCache>)
 }

@@ -1,0 +1,663 @@
+//! [`EvictingCache`]: ragged storage that records what its scorer needs during prefill and
+//! evicts once, in [`end_prefill`](KvCache::end_prefill).
+
+use burn::prelude::*;
+use kv_core::{
+    Attended, HeldBuffer, KvBlock, KvCache, KvError, KvShape, KvView, Lengths, MemoryReport, PAD,
+    Query, RaggedCache, RaggedCacheConfig, Result, Rope, RopeConfig, StatsRequest, StorageDtype,
+    StorageRole,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::budget::{BudgetAllocator, BudgetContext, BudgetKind, check_ratio};
+use crate::score::{self, QueryMoments, to_host};
+use crate::scorer::ScorerConfig;
+use crate::select::keep_lists;
+
+/// Configuration of an [`EvictingCache`] (one layer).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvictConfig {
+    /// The layer shape.
+    pub shape: KvShape,
+    /// Fraction of the prompt's tokens removed per KV head, in `[0, 1)` (kvpress's
+    /// `compression_ratio`).
+    pub ratio: f64,
+    /// Which tokens matter.
+    pub scorer: ScorerConfig,
+    /// How many tokens each layer and head keeps (default uniform).
+    #[serde(default)]
+    pub budget: BudgetKind,
+    /// Element type of the stored keys and values (default fp32).
+    #[serde(default)]
+    pub dtype: StorageDtype,
+    /// The model's RoPE: required by `expected_attention`, which un-rotates the queries.
+    #[serde(default)]
+    pub rope: Option<RopeConfig>,
+    /// Layer index (for layer-wise allocators).
+    #[serde(default)]
+    pub layer: usize,
+    /// Number of layers of the model.
+    #[serde(default = "one")]
+    pub num_layers: usize,
+    /// Keep the scores of the last compression for inspection ([`EvictingCache::last_scores`]);
+    /// they are counted as held metadata.
+    #[serde(default)]
+    pub keep_scores: bool,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl EvictConfig {
+    /// A single-layer config with fp32 storage, a uniform budget and no RoPE.
+    pub fn new(shape: KvShape, ratio: f64, scorer: ScorerConfig) -> Self {
+        EvictConfig {
+            shape,
+            ratio,
+            scorer,
+            budget: BudgetKind::Uniform,
+            dtype: StorageDtype::F32,
+            rope: None,
+            layer: 0,
+            num_layers: 1,
+            keep_scores: false,
+        }
+    }
+    /// Sets the model's RoPE.
+    pub fn with_rope(mut self, rope: RopeConfig) -> Self {
+        self.rope = Some(rope);
+        self
+    }
+    /// Sets the layer index and the number of layers.
+    pub fn with_layer(mut self, layer: usize, num_layers: usize) -> Self {
+        self.layer = layer;
+        self.num_layers = num_layers;
+        self
+    }
+    /// Sets the storage dtype.
+    pub fn with_dtype(mut self, dtype: StorageDtype) -> Self {
+        self.dtype = dtype;
+        self
+    }
+    /// Keeps the scores of the last compression.
+    pub fn with_kept_scores(mut self) -> Self {
+        self.keep_scores = true;
+        self
+    }
+
+    /// Validates the config and builds the cache.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`]: a ratio outside `[0, 1)`, bad scorer parameters, a layer
+    /// index not below `num_layers`, a missing or mismatched RoPE for `expected_attention`.
+    pub fn init(&self, device: &Device) -> Result<EvictingCache> {
+        check_ratio(self.ratio)?;
+        self.scorer.validate()?;
+        if self.layer >= self.num_layers {
+            return Err(KvError::InvalidConfig {
+                field: "layer",
+                reason: format!(
+                    "layer {} is not below num_layers {}",
+                    self.layer, self.num_layers
+                ),
+            });
+        }
+        let rope = match &self.rope {
+            Some(r) => {
+                if r.head_dim != self.shape.head_dim() {
+                    return Err(KvError::InvalidConfig {
+                        field: "rope",
+                        reason: format!(
+                            "RoPE head_dim {} differs from the cache's {}",
+                            r.head_dim,
+                            self.shape.head_dim()
+                        ),
+                    });
+                }
+                Some(r.init()?)
+            }
+            None => None,
+        };
+        if self.scorer.needs().query_moments.is_some() && rope.is_none() {
+            return Err(KvError::InvalidConfig {
+                field: "rope",
+                reason: format!(
+                    "`{}` needs the model's RoPE to un-rotate the queries",
+                    self.scorer.name()
+                ),
+            });
+        }
+        let allocator = self.budget.allocator(self.ratio)?;
+        let inner = RaggedCacheConfig::new(self.shape)
+            .with_dtype(self.dtype)
+            .init(device)?;
+        Ok(EvictingCache {
+            config: self.clone(),
+            allocator,
+            rope,
+            inner,
+            compressed: false,
+            obs: Observations::default(),
+            scores: Vec::new(),
+            outcome: None,
+        })
+    }
+}
+
+/// What the last [`end_prefill`](KvCache::end_prefill) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EvictOutcome {
+    /// Tokens were scored and evicted.
+    Compressed {
+        /// Tokens held (summed over sequences and KV heads) before.
+        before: usize,
+        /// Tokens held after.
+        after: usize,
+    },
+    /// Nothing was evicted, and why (a zero ratio, or a scorer that needs queries when no
+    /// query was attended during prefill: the cache was used as storage only).
+    Skipped {
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+/// Running mean and scatter of pre-RoPE queries of one sequence (Chan et al.'s merge).
+#[derive(Debug, Clone)]
+struct Moments {
+    count: usize,
+    /// `[1, q_heads, head_dim]`.
+    mean: Tensor<3>,
+    /// `[1, q_heads, head_dim, head_dim]`: Σ (q - mean)(q - mean)ᵀ.
+    scatter: Option<Tensor<4>>,
+}
+
+/// What the cache recorded during prefill.
+#[derive(Debug, Clone, Default)]
+struct Observations {
+    /// The last `window` queries, `[batch, q_heads, w, head_dim]`, and their positions.
+    window: Option<(Tensor<4>, Vec<u32>)>,
+    /// Column sums of the prefill attention, `[batch, kv_heads, group, width]`.
+    col_sums: Option<Tensor<4>>,
+    /// Query moments per sequence.
+    moments: Vec<Option<Moments>>,
+    /// Whether any query was attended.
+    any_query: bool,
+}
+
+impl Observations {
+    fn buffers(&self) -> Vec<HeldBuffer> {
+        let mut out = Vec::new();
+        if let Some((q, pos)) = &self.window {
+            out.push(HeldBuffer::tensor(StorageRole::Metadata, q));
+            out.push(HeldBuffer::host(StorageRole::Metadata, pos));
+        }
+        if let Some(c) = &self.col_sums {
+            out.push(HeldBuffer::tensor(StorageRole::Metadata, c));
+        }
+        for m in self.moments.iter().flatten() {
+            out.push(HeldBuffer::tensor(StorageRole::Metadata, &m.mean));
+            if let Some(s) = &m.scatter {
+                out.push(HeldBuffer::tensor(StorageRole::Metadata, s));
+            }
+        }
+        out
+    }
+}
+
+/// A KV cache that evicts tokens once, at the end of prefill, by a kvpress scorer.
+///
+/// Storage is a [`RaggedCache`]: every (sequence, KV head) keeps its own tokens and evicted
+/// rows are gathered away (freed, not masked). During prefill the cache records what its
+/// scorer needs from the [`attend`](KvCache::attend) calls the model makes anyway: the last
+/// `window` post-RoPE queries (SnapKV, TOVA: the observation-window attention is recomputed
+/// from them against the full prompt keys at the end of prefill, which is what kvpress's
+/// `compute_window_attention` does), the attention column sums (ObservedAttention) or the
+/// running mean and covariance of the un-rotated queries (ExpectedAttention). The first
+/// [`end_prefill`](KvCache::end_prefill) scores every prompt token, lets the budget allocator
+/// decide how many each stream keeps, keeps the top-scored ones and drops the records; tokens
+/// appended afterwards are kept uncompressed (kvpress's protocol). A later `end_prefill`
+/// does nothing until [`reset`](KvCache::reset).
+#[derive(Debug)]
+pub struct EvictingCache {
+    config: EvictConfig,
+    allocator: Box<dyn BudgetAllocator>,
+    rope: Option<Rope>,
+    inner: RaggedCache,
+    compressed: bool,
+    obs: Observations,
+    scores: Vec<Vec<f32>>,
+    outcome: Option<EvictOutcome>,
+}
+
+impl EvictingCache {
+    /// The configuration.
+    pub fn config(&self) -> &EvictConfig {
+        &self.config
+    }
+
+    /// The underlying ragged storage.
+    pub fn storage(&self) -> &RaggedCache {
+        &self.inner
+    }
+
+    /// Whether the prompt has been compressed (prefill is over).
+    pub fn is_compressed(&self) -> bool {
+        self.compressed
+    }
+
+    /// What the last `end_prefill` did (`None` before it).
+    pub fn last_outcome(&self) -> Option<&EvictOutcome> {
+        self.outcome.as_ref()
+    }
+
+    /// The scores of the last compression, one list per (sequence, KV head) over the prompt's
+    /// tokens (empty unless [`EvictConfig::keep_scores`]).
+    pub fn last_scores(&self) -> &[Vec<f32>] {
+        &self.scores
+    }
+
+    fn record(&mut self, query: &Query, col_sums: Option<Tensor<4>>) {
+        self.obs.any_query = true;
+        let needs = self.config.scorer.needs();
+        let s = self.config.shape;
+        let [b, qh, n, d] = query.tensor().dims();
+        if needs.window > 0 {
+            let (q, pos) = match self.obs.window.take() {
+                Some((old, old_pos)) => {
+                    let m = old.dims()[2];
+                    let mut pos = Vec::with_capacity(b * (m + n));
+                    for bi in 0..b {
+                        pos.extend_from_slice(&old_pos[bi * m..(bi + 1) * m]);
+                        pos.extend_from_slice(&query.positions()[bi * n..(bi + 1) * n]);
+                    }
+                    (Tensor::cat(vec![old, query.tensor().clone()], 2), pos)
+                }
+                None => (query.tensor().clone(), query.positions().to_vec()),
+            };
+            let len = q.dims()[2];
+            let w = needs.window.min(len);
+            let keep = if w < len {
+                let mut p = Vec::with_capacity(b * w);
+                for bi in 0..b {
+                    p.extend_from_slice(&pos[bi * len + len - w..(bi + 1) * len]);
+                }
+                (q.slice([0..b, 0..qh, len - w..len, 0..d]), p)
+            } else {
+                (q, pos)
+            };
+            self.obs.window = Some(keep);
+        }
+        if let Some(c) = col_sums {
+            self.obs.col_sums = Some(match self.obs.col_sums.take() {
+                None => c,
+                Some(acc) => add_padded(acc, c),
+            });
+        }
+        if let (Some(n_sink), Some(rope)) = (needs.query_moments, &self.rope) {
+            if self.obs.moments.len() != s.batch() {
+                self.obs.moments = vec![None; s.batch()];
+            }
+            let device = self.inner.device().clone();
+            for bi in 0..b {
+                let row = &query.positions()[bi * n..(bi + 1) * n];
+                let rows: Vec<usize> = (0..n)
+                    .filter(|&i| row[i] != PAD && row[i] as usize >= n_sink)
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let m = rows.len();
+                let mut q = query
+                    .tensor()
+                    .clone()
+                    .slice([bi..bi + 1, 0..qh, 0..n, 0..d]);
+                if m < n {
+                    let ids: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
+                    let ids = Tensor::<1, Int>::from_data(TensorData::new(ids, [m]), &device);
+                    q = q.select(2, ids);
+                }
+                let pos: Vec<u32> = rows.iter().map(|&i| row[i]).collect();
+                let q = rope.unapply(q, &pos);
+                let mean = q.clone().mean_dim(2); // [1, qh, 1, d]
+                let scatter = needs.covariance.then(|| {
+                    let c = q - mean.clone();
+                    c.clone().swap_dims(2, 3).matmul(c)
+                });
+                let chunk = Moments {
+                    count: m,
+                    mean: mean.reshape([1, qh, d]),
+                    scatter,
+                };
+                let merged = match self.obs.moments[bi].take() {
+                    None => chunk,
+                    Some(acc) => merge_moments(acc, chunk),
+                };
+                self.obs.moments[bi] = Some(merged);
+            }
+        }
+    }
+
+    /// Scores every stream; `Ok(None)` when the scorer needs queries and none were seen.
+    fn compute_scores(&mut self, held: &[usize]) -> Result<Option<Vec<Vec<f32>>>> {
+        const OP: &str = "EvictingCache::end_prefill";
+        let s = self.config.shape;
+        let (kvh, g, d) = (s.kv_heads(), s.group(), s.head_dim());
+        let needs = self.config.scorer.needs();
+        let device = self.inner.device().clone();
+        // Validate before touching anything.
+        for bi in 0..s.batch() {
+            let n = held[bi * kvh];
+            if (0..kvh).any(|h| held[bi * kvh + h] != n) {
+                return Err(KvError::InvalidConfig {
+                    field: "scorer",
+                    reason: format!(
+                        "sequence {bi}: KV heads hold different numbers of tokens; \
+                         prefill-time scorers need the whole prompt in every head"
+                    ),
+                });
+            }
+            if n > 0 && needs.min_prompt > 0 && n <= needs.min_prompt {
+                let field = if needs.window > 0 { "window" } else { "n_sink" };
+                return Err(KvError::InvalidConfig {
+                    field,
+                    reason: format!(
+                        "`{}` needs a prompt longer than {} tokens; sequence {bi} has {n}",
+                        self.config.scorer.name(),
+                        needs.min_prompt
+                    ),
+                });
+            }
+        }
+        let wants_queries = needs.window > 0 || needs.column_sums || needs.query_moments.is_some();
+        if wants_queries && !self.obs.any_query {
+            return Ok(None);
+        }
+        // The observation window's attention over the whole prompt, from the same cache.
+        let window_cols = if needs.window > 0 {
+            let Some((q, pos)) = self.obs.window.clone() else {
+                return Ok(None);
+            };
+            let got = q.dims()[2];
+            if got < needs.window {
+                return Err(KvError::InvalidConfig {
+                    field: "window",
+                    reason: format!(
+                        "{} window queries needed, only {got} were attended during prefill",
+                        needs.window
+                    ),
+                });
+            }
+            let q = Query::new(q, pos)?;
+            self.inner
+                .attend(&q, StatsRequest::COLUMN_SUMS)?
+                .stats
+                .column_sums
+        } else {
+            None
+        };
+
+        let mut out = vec![Vec::new(); s.streams()];
+        for bi in 0..s.batch() {
+            let n = held[bi * kvh];
+            if n == 0 {
+                continue;
+            }
+            let kv = || -> (Tensor<4>, Tensor<4>) {
+                let (mut ks, mut vs) = (Vec::with_capacity(kvh), Vec::with_capacity(kvh));
+                for h in 0..kvh {
+                    let st = self.inner.stream(bi, h);
+                    let zero = || Tensor::<2>::zeros([n, d], &device);
+                    ks.push(st.keys.unwrap_or_else(zero).reshape([1, 1, n, d]));
+                    vs.push(st.values.unwrap_or_else(zero).reshape([1, 1, n, d]));
+                }
+                (Tensor::cat(ks, 1), Tensor::cat(vs, 1))
+            };
+            let stats_of =
+                |t: &Tensor<4>, cols: usize| t.clone().slice([bi..bi + 1, 0..kvh, 0..g, 0..cols]);
+            let scores: Tensor<3> = match self.config.scorer {
+                ScorerConfig::Knorm => score::knorm(kv().0),
+                ScorerConfig::KeyDiff => score::keydiff(kv().0),
+                ScorerConfig::StreamingLlm { n_sink } => {
+                    score::streaming_llm(1, kvh, n, n_sink, self.config.ratio, &device)
+                }
+                ScorerConfig::SnapKv {
+                    window,
+                    kernel,
+                    gqa,
+                } => {
+                    let cols = window_cols.as_ref().ok_or(KvError::Empty {
+                        op: OP,
+                        what: "observation-window attention",
+                    })?;
+                    score::snapkv(stats_of(cols, n - window), window, kernel, gqa)
+                }
+                ScorerConfig::Tova => {
+                    let cols = window_cols.as_ref().ok_or(KvError::Empty {
+                        op: OP,
+                        what: "last-query attention",
+                    })?;
+                    score::tova(stats_of(cols, n))
+                }
+                ScorerConfig::ObservedAttention { gqa } => {
+                    let cols = self.obs.col_sums.as_ref().ok_or(KvError::Empty {
+                        op: OP,
+                        what: "prefill attention column sums",
+                    })?;
+                    if cols.dims()[3] < n {
+                        return Err(KvError::InvalidConfig {
+                            field: "scorer",
+                            reason: "observed_attention needs every prompt token attended \
+                                     during prefill"
+                                .into(),
+                        });
+                    }
+                    score::observed_attention(stats_of(cols, n), gqa)
+                }
+                ScorerConfig::ExpectedAttention {
+                    n_future_positions,
+                    n_sink,
+                    use_vnorm,
+                    epsilon,
+                    gqa,
+                    ..
+                } => {
+                    let Some(Some(m)) = self.obs.moments.get(bi) else {
+                        return Err(KvError::InvalidConfig {
+                            field: "n_sink",
+                            reason: format!(
+                                "sequence {bi}: no query after the {n_sink} sinks was attended \
+                                 during prefill"
+                            ),
+                        });
+                    };
+                    let rope = self.rope.as_ref().ok_or(KvError::InvalidConfig {
+                        field: "rope",
+                        reason: "expected_attention needs the model's RoPE".into(),
+                    })?;
+                    let st = self.inner.stream(bi, 0);
+                    let next = st.positions.last().map_or(n, |&p| p as usize + 1);
+                    let r = score::average_rope_matrix(rope, next, n_future_positions);
+                    let moments = QueryMoments {
+                        mean: m.mean.clone(),
+                        cov: m.scatter.clone().map(|s| s.div_scalar(m.count as f32)),
+                    }
+                    .rotate(&r);
+                    let (k, v) = kv();
+                    score::expected_attention(k, v, &moments, n_sink, use_vnorm, epsilon, gqa)
+                }
+            };
+            let host = to_host(scores)?;
+            for h in 0..kvh {
+                out[bi * kvh + h] = host[h * n..(h + 1) * n].to_vec();
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// Adds two `[b, h, g, w]` statistics of possibly different widths (zero-padding the shorter).
+fn add_padded(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    let (wa, wb) = (a.dims()[3], b.dims()[3]);
+    let pad = |t: Tensor<4>, w: usize| {
+        let [x, y, z, cur] = t.dims();
+        if cur == w {
+            t
+        } else {
+            let device = t.device();
+            Tensor::cat(vec![t, Tensor::zeros([x, y, z, w - cur], &device)], 3)
+        }
+    };
+    let w = wa.max(wb);
+    pad(a, w) + pad(b, w)
+}
+
+/// Chan et al.'s parallel merge of two (count, mean, scatter) summaries.
+fn merge_moments(a: Moments, b: Moments) -> Moments {
+    let (na, nb) = (a.count as f32, b.count as f32);
+    let n = na + nb;
+    let [_, qh, d] = a.mean.dims();
+    let delta = b.mean.clone() - a.mean.clone();
+    let mean = a.mean + delta.clone().mul_scalar(nb / n);
+    let scatter = match (a.scatter, b.scatter) {
+        (Some(sa), Some(sb)) => {
+            let dl = delta.reshape([1, qh, 1, d]);
+            let outer = dl.clone().swap_dims(2, 3).matmul(dl);
+            Some(sa + sb + outer.mul_scalar(na * nb / n))
+        }
+        _ => None,
+    };
+    Moments {
+        count: a.count + b.count,
+        mean,
+        scatter,
+    }
+}
+
+impl KvCache for EvictingCache {
+    fn shape(&self) -> KvShape {
+        self.config.shape
+    }
+
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+
+    fn append(&mut self, block: KvBlock) -> Result<()> {
+        self.inner.append(block)
+    }
+
+    fn attend(&mut self, query: &Query, stats: StatsRequest) -> Result<Attended> {
+        let needs = self.config.scorer.needs();
+        let own_cols = !self.compressed && needs.column_sums;
+        let request = StatsRequest {
+            column_sums: stats.column_sums || own_cols,
+            last_row: stats.last_row,
+        };
+        let mut out = self.inner.attend(query, request)?;
+        if !self.compressed {
+            let cols = if own_cols {
+                out.stats.column_sums.clone()
+            } else {
+                None
+            };
+            self.record(query, cols);
+        }
+        if !stats.column_sums {
+            out.stats.column_sums = None;
+        }
+        Ok(out)
+    }
+
+    fn end_prefill(&mut self) -> Result<()> {
+        if self.compressed {
+            return Ok(());
+        }
+        let lengths = self.inner.lengths();
+        let before = lengths.total_held();
+        if before == 0 {
+            return Err(KvError::Empty {
+                op: "EvictingCache::end_prefill",
+                what: "prompt (nothing was appended before end_prefill)",
+            });
+        }
+        if self.config.ratio == 0.0 {
+            self.finish(EvictOutcome::Skipped {
+                reason: "ratio 0 removes nothing",
+            });
+            return Ok(());
+        }
+        let Some(scores) = self.compute_scores(&lengths.held)? else {
+            self.finish(EvictOutcome::Skipped {
+                reason: "the scorer needs prefill queries and none was attended",
+            });
+            return Ok(());
+        };
+        let ctx = BudgetContext {
+            layer: self.config.layer,
+            num_layers: self.config.num_layers,
+            kv_heads: self.config.shape.kv_heads(),
+            held: &lengths.held,
+            scores: &scores,
+        };
+        let budgets = self.allocator.allocate(&ctx)?;
+        let keep = keep_lists(&scores, &budgets);
+        self.inner.retain(&keep)?;
+        let after = self.inner.lengths().total_held();
+        if self.config.keep_scores {
+            self.scores = scores;
+        }
+        self.finish(EvictOutcome::Compressed { before, after });
+        Ok(())
+    }
+
+    fn view(&self) -> KvView {
+        self.inner.view()
+    }
+
+    fn lengths(&self) -> Lengths {
+        self.inner.lengths()
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let mut m = self.inner.memory();
+        m.metadata_bytes += self
+            .scratch_buffers()
+            .iter()
+            .map(|b| b.bytes)
+            .sum::<usize>();
+        m
+    }
+
+    fn held_buffers(&self) -> Vec<HeldBuffer> {
+        let mut out = self.inner.held_buffers();
+        out.extend(self.scratch_buffers());
+        out
+    }
+
+    fn reset(&mut self) {
+        self.inner.reset();
+        self.obs = Observations::default();
+        self.compressed = false;
+        self.scores = Vec::new();
+        self.outcome = None;
+    }
+}
+
+impl EvictingCache {
+    fn finish(&mut self, outcome: EvictOutcome) {
+        self.compressed = true;
+        self.obs = Observations::default();
+        self.outcome = Some(outcome);
+    }
+
+    fn scratch_buffers(&self) -> Vec<HeldBuffer> {
+        let mut out = self.obs.buffers();
+        for s in &self.scores {
+            out.push(HeldBuffer::host(StorageRole::Metadata, s));
+        }
+        out
+    }
+}

@@ -1,0 +1,65 @@
+//! Token eviction for kv-compress: which prompt tokens a layer keeps, scored exactly as
+//! NVIDIA kvpress 0.5.5 scores them, with the evicted rows physically freed.
+//!
+//! # What it is
+//! Three separate pieces:
+//! - **Scorers** ([`score`], configured by [`ScorerConfig`]): KNorm, StreamingLLM, SnapKV,
+//!   TOVA, ObservedAttention (H2O at prefill), KeyDiff and ExpectedAttention, each a pure
+//!   function over tensors returning `[batch, kv_heads, n]` scores (higher = keep) that
+//!   reproduce kvpress's `score` methods, GQA reduction explicit ([`GqaReduce`]).
+//! - **Budget allocation** ([`BudgetAllocator`]): how many tokens each (sequence, KV head)
+//!   keeps. kvpress's semantics: `ratio` is the fraction *removed* and a stream of `n` tokens
+//!   keeps `floor(n * (1 - ratio))` ([`UniformBudget`]). The trait sees the layer index and
+//!   every head's scores, ready for layer-wise (PyramidKV) and head-wise (Ada-KV) budgets.
+//! - **Execution** ([`EvictingCache`]): a [`kv_core::KvCache`] over
+//!   [`kv_core::RaggedCache`] that records what its scorer needs from the attention calls
+//!   the model makes during prefill (the last `window` post-RoPE queries, attention column
+//!   sums, or the moments of the un-rotated queries), compresses once in
+//!   [`end_prefill`](kv_core::KvCache::end_prefill) with top-k + sort +
+//!   [`RaggedCache::retain`](kv_core::RaggedCache::retain), and keeps later tokens
+//!   uncompressed (kvpress's protocol: compress the context once, then decode).
+//!
+//! - **Streaming** ([`StreamingCache`]): StreamingLLM as a decode-time policy, sinks plus a
+//!   rolling window of recent tokens, evicted as tokens arrive.
+//!
+//! # What it is not
+//! Not a decode-time scorer: the scored methods compress the prompt once (kvpress's
+//! protocol); only [`StreamingCache`] evicts during decoding. StreamingLLM keeps original
+//! positions (no "pos-shift" RoPE re-rotation, as kvpress without `KeyRerotationPress`). Not a
+//! selection method (Quest and the like keep everything and attend to a subset). Budgets are
+//! uniform for now.
+//!
+//! # Example
+//! ```
+//! use burn::prelude::*;
+//! use kv_core::{KvBlock, KvCache, KvShape};
+//! use kv_evict::{EvictConfig, ScorerConfig};
+//!
+//! # fn main() -> Result<(), kv_core::KvError> {
+//! let device = Device::default();
+//! let shape = KvShape::new(1, 2, 4, 8)?;
+//! let mut cache = EvictConfig::new(shape, 0.5, ScorerConfig::Knorm).init(&device)?;
+//! let k = Tensor::<4>::random([1, 2, 10, 8], burn::tensor::Distribution::Default, &device);
+//! cache.append(KvBlock::contiguous(k.clone(), k, 0)?)?;
+//! cache.end_prefill()?; // keeps floor(10 * 0.5) = 5 tokens per KV head
+//! assert_eq!(cache.lengths().held, vec![5, 5]);
+//! # Ok(())
+//! # }
+//! ```
+
+mod budget;
+mod cache;
+mod gqa;
+pub mod score;
+mod scorer;
+mod select;
+mod streaming;
+
+pub use budget::{
+    BudgetAllocator, BudgetContext, BudgetKind, UniformBudget, check_ratio, kept_for,
+};
+pub use cache::{EvictConfig, EvictOutcome, EvictingCache};
+pub use gqa::GqaReduce;
+pub use scorer::{Needs, PARAMS, ScorerConfig};
+pub use select::{keep_lists, top_k_sorted};
+pub use streaming::{StreamingCache, StreamingConfig};

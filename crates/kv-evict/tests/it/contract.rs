@@ -1,0 +1,68 @@
+//! The shared cache contract, stamped out for every scorer (small windows and sink counts, so
+//! that the contract's 7- to 10-token prompts are long enough).
+
+use burn::prelude::*;
+use kv_core::{KvCache, KvShape, RopeConfig, RopeConvention, StorageDtype};
+use kv_evict::{EvictConfig, GqaReduce, ScorerConfig};
+
+fn shape() -> KvShape {
+    KvShape::new(2, 2, 6, 8).expect("valid")
+}
+
+fn make(scorer: ScorerConfig, d: &Device) -> Box<dyn KvCache> {
+    let cfg = EvictConfig::new(shape(), 0.5, scorer).with_rope(RopeConfig::new(
+        8,
+        10_000.0,
+        RopeConvention::RotateHalf,
+    ));
+    Box::new(cfg.init(d).expect("init"))
+}
+
+kv_testkit::kv_cache_contract!(knorm, |d: &Device| make(ScorerConfig::Knorm, d));
+kv_testkit::kv_cache_contract!(keydiff, |d: &Device| make(ScorerConfig::KeyDiff, d));
+kv_testkit::kv_cache_contract!(streaming_llm, |d: &Device| make(
+    ScorerConfig::StreamingLlm { n_sink: 2 },
+    d
+));
+kv_testkit::kv_cache_contract!(snapkv, |d: &Device| make(
+    ScorerConfig::SnapKv {
+        window: 2,
+        kernel: 3,
+        gqa: GqaReduce::Mean
+    },
+    d
+));
+kv_testkit::kv_cache_contract!(tova, |d: &Device| make(ScorerConfig::Tova, d));
+kv_testkit::kv_cache_contract!(observed_attention, |d: &Device| make(
+    ScorerConfig::ObservedAttention {
+        gqa: GqaReduce::Max
+    },
+    d
+));
+kv_testkit::kv_cache_contract!(expected_attention, |d: &Device| make(
+    ScorerConfig::ExpectedAttention {
+        n_future_positions: 16,
+        n_sink: 1,
+        use_covariance: true,
+        use_vnorm: true,
+        epsilon: 0.0,
+        gqa: GqaReduce::Mean
+    },
+    d
+));
+kv_testkit::kv_cache_contract!(
+    knorm_f16,
+    |d: &Device| -> Box<dyn KvCache> {
+        let cfg = EvictConfig::new(shape(), 0.5, ScorerConfig::Knorm).with_dtype(StorageDtype::F16);
+        Box::new(cfg.init(d).expect("init"))
+    },
+    atol = 2e-3,
+    rtol = 1e-2
+);
+kv_testkit::kv_cache_contract!(streaming_decode, |d: &Device| -> Box<dyn KvCache> {
+    Box::new(
+        kv_evict::StreamingConfig::new(shape(), 2, 3)
+            .init(d)
+            .expect("init"),
+    )
+});

@@ -1,0 +1,784 @@
+//! KIVI (Liu et al., 2024, arXiv 2402.02750): keys quantized per channel, values per token,
+//! with a full-precision window of the most recent tokens.
+//!
+//! # Storage and spill semantics (as in jy-yuan/KIVI `models/llama_kivi.py`)
+//! - Keys: `G` consecutive tokens of one channel share a scale and zero point. New keys go to
+//!   a full-precision key window; whenever the window holds `R` or more tokens, its oldest whole
+//!   multiple of `R` tokens is quantized and moved to the quantized store. A first append of
+//!   `n` tokens therefore quantizes `n - (n mod R)` keys and keeps `n mod R`; in decode, the
+//!   window fills to `R` and is then quantized as one block.
+//! - Values: `G` consecutive channels of one token share a scale and zero point. New values go
+//!   to a full-precision value window; whenever it holds more than `R` tokens, the oldest ones
+//!   are quantized until `R` remain. A first append quantizes all but the last `R`; in decode,
+//!   the oldest single token is quantized once the window exceeds `R`.
+//!
+//! `R` must be a multiple of `G` (so that every key block splits into whole groups) and `G`
+//! must divide `head_dim` (value groups run along channels).
+//!
+//! An extension that is not KIVI, off by default: [`KiviConfig::sinks`] keeps the first tokens
+//! of every sequence in full precision for good (attention sinks); the tokens after them follow
+//! the rules above as if the sequence started there.
+//!
+//! # Attention
+//! The reference computes each forward's attention with the *current* call's keys and values
+//! in full precision (prefill uses the fp tensors; a decode token is in the fp window when it
+//! attends) and quantizes afterwards. This cache does the same: with
+//! [`KiviConfig::current_in_full_precision`] (the default) the last appended block is also
+//! kept as given (fp32) until the next `append`, `end_prefill` or `reset`, and `attend` and
+//! `view` use it for those tokens; this copy is counted in `memory()` while it is held.
+//!
+//! `attend` streams over chunks of [`ATTEND_CHUNK_TOKENS`] keys: each chunk is dequantized
+//! (window and pending tokens taken as they are), scored, and merged into running softmax
+//! statistics (row max, row sum, weighted values), so the cache is never materialised in full
+//! precision at once. When attention statistics are requested it falls back to dequantizing
+//! everything and calling [`reference_attention`]. `view()` returns the same dequantized
+//! tensors, so `attend == reference(view())` up to the summation order of the softmax (fp32
+//! rounding, well inside the contract's `1e-5 + 1e-4 |x|`).
+
+use burn::prelude::*;
+use burn::tensor::FloatDType;
+use kv_core::{
+    Attended, HeldBuffer, KeyPositions, KvBlock, KvCache, KvError, KvShape, KvView, Lengths,
+    MemoryReport, PAD, Query, StatsRequest, StorageDtype, StorageRole, check_block,
+    check_positions, check_query, reference_attention,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::group::{GroupAxis, QuantSpec, QuantizedTensor};
+use crate::packing::BitWidth;
+use crate::{QuantError, Result};
+
+fn default_f16() -> StorageDtype {
+    StorageDtype::F16
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Configuration of a [`KiviCache`]. Defaults: 2 bits, `G = 32`, `R = 128`, fp16 scales, zero
+/// points and full-precision window (KIVI's LongBench setting).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KiviConfig {
+    /// The layer shape.
+    pub shape: KvShape,
+    /// Bits per code for keys and values (KIVI uses 2 or 4; 1, 3 and 8 are accepted too).
+    pub bits: u32,
+    /// Bits for keys only, overriding `bits` (the reference's `k_bits`).
+    #[serde(default)]
+    pub key_bits: Option<u32>,
+    /// Bits for values only, overriding `bits` (the reference's `v_bits`).
+    #[serde(default)]
+    pub value_bits: Option<u32>,
+    /// Group size `G`: tokens per key group, channels per value group.
+    pub group: usize,
+    /// Residual length `R`: the full-precision window (a multiple of `G`).
+    pub residual: usize,
+    /// Dtype of scales and zero points.
+    #[serde(default = "default_f16")]
+    pub scale_dtype: StorageDtype,
+    /// Dtype of the full-precision window (fp16 in KIVI; fp32 keeps appended tokens bit-exact).
+    #[serde(default = "default_f16")]
+    pub residual_dtype: StorageDtype,
+    /// Attend the last appended block in full precision, as the reference does.
+    #[serde(default = "default_true")]
+    pub current_in_full_precision: bool,
+    /// The first `sinks` tokens of every sequence stay in full precision (window dtype) for
+    /// good: attention sinks. Not part of KIVI (default 0, which is KIVI); an extension in the
+    /// spirit of KVQuant's `first_few_fp16`, measured in `docs/techniques/quant.md`.
+    #[serde(default)]
+    pub sinks: usize,
+}
+
+impl KiviConfig {
+    /// KIVI-2 with `G = 32`, `R = 128`, fp16 scales, zeros and window.
+    pub fn new(shape: KvShape) -> Self {
+        KiviConfig {
+            shape,
+            bits: 2,
+            key_bits: None,
+            value_bits: None,
+            group: 32,
+            residual: 128,
+            scale_dtype: StorageDtype::F16,
+            residual_dtype: StorageDtype::F16,
+            current_in_full_precision: true,
+            sinks: 0,
+        }
+    }
+    /// Sets the code width.
+    pub fn with_bits(mut self, bits: u32) -> Self {
+        self.bits = bits;
+        self
+    }
+    /// Sets different widths for keys and values (KIVI's `k_bits`, `v_bits`).
+    pub fn with_key_value_bits(mut self, key_bits: u32, value_bits: u32) -> Self {
+        self.key_bits = Some(key_bits);
+        self.value_bits = Some(value_bits);
+        self
+    }
+    /// Sets the group size `G`.
+    pub fn with_group(mut self, group: usize) -> Self {
+        self.group = group;
+        self
+    }
+    /// Sets the residual length `R`.
+    pub fn with_residual(mut self, residual: usize) -> Self {
+        self.residual = residual;
+        self
+    }
+    /// Sets the dtype of scales and zero points.
+    pub fn with_scale_dtype(mut self, dtype: StorageDtype) -> Self {
+        self.scale_dtype = dtype;
+        self
+    }
+    /// Sets the dtype of the full-precision window.
+    pub fn with_residual_dtype(mut self, dtype: StorageDtype) -> Self {
+        self.residual_dtype = dtype;
+        self
+    }
+    /// Keeps the first `sinks` tokens in full precision (0: plain KIVI).
+    pub fn with_sinks(mut self, sinks: usize) -> Self {
+        self.sinks = sinks;
+        self
+    }
+    /// Whether the last appended block is attended in full precision.
+    pub fn with_current_in_full_precision(mut self, on: bool) -> Self {
+        self.current_in_full_precision = on;
+        self
+    }
+
+    /// The parameter names [`from_params`](Self::from_params) accepts.
+    pub const PARAMS: &'static [&'static str] = &[
+        "bits",
+        "key_bits",
+        "value_bits",
+        "group",
+        "residual",
+        "scale_dtype",
+        "residual_dtype",
+        "current_full",
+        "sinks",
+    ];
+
+    /// The default config with `key=value` parameters applied: `bits`, `key_bits`,
+    /// `value_bits`, `group`, `residual`, `sinks` (integers), `scale_dtype` and `residual_dtype`
+    /// (`f16` or `f32`) and `current_full`
+    /// (`true` or `false`: [`current_in_full_precision`](Self::current_in_full_precision)).
+    /// The result is not validated until [`init`](Self::init).
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`] naming the parameter for an unknown name or a value that does
+    /// not parse.
+    pub fn from_params<'a>(
+        shape: KvShape,
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> kv_core::Result<Self> {
+        fn bad(field: &'static str, value: &str, want: &str) -> KvError {
+            KvError::InvalidConfig {
+                field,
+                reason: format!("`{value}` is not {want}"),
+            }
+        }
+        fn int(field: &'static str, v: &str) -> kv_core::Result<usize> {
+            v.parse()
+                .map_err(|_| bad(field, v, "a non-negative integer"))
+        }
+        fn width(field: &'static str, v: &str) -> kv_core::Result<u32> {
+            v.parse().map_err(|_| bad(field, v, "a bit width (2 or 4)"))
+        }
+        fn dtype(field: &'static str, v: &str) -> kv_core::Result<StorageDtype> {
+            match v {
+                "f16" | "fp16" => Ok(StorageDtype::F16),
+                "f32" | "fp32" => Ok(StorageDtype::F32),
+                _ => Err(bad(field, v, "f16 or f32")),
+            }
+        }
+        let mut cfg = KiviConfig::new(shape);
+        for (k, v) in params {
+            match k {
+                "bits" => cfg.bits = width("bits", v)?,
+                "key_bits" => cfg.key_bits = Some(width("key_bits", v)?),
+                "value_bits" => cfg.value_bits = Some(width("value_bits", v)?),
+                "group" => cfg.group = int("group", v)?,
+                "residual" => cfg.residual = int("residual", v)?,
+                "sinks" => cfg.sinks = int("sinks", v)?,
+                "scale_dtype" => cfg.scale_dtype = dtype("scale_dtype", v)?,
+                "residual_dtype" => cfg.residual_dtype = dtype("residual_dtype", v)?,
+                "current_full" => {
+                    cfg.current_in_full_precision = v
+                        .parse()
+                        .map_err(|_| bad("current_full", v, "true or false"))?;
+                }
+                _ => {
+                    return Err(KvError::InvalidConfig {
+                        field: "params",
+                        reason: format!(
+                            "unknown KIVI parameter `{k}`; accepted: {}",
+                            Self::PARAMS.join(", ")
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn specs(&self) -> Result<(QuantSpec, QuantSpec)> {
+        let key_bits = BitWidth::new(self.key_bits.unwrap_or(self.bits))?;
+        let value_bits = BitWidth::new(self.value_bits.unwrap_or(self.bits))?;
+        if self.group == 0 {
+            return Err(QuantError::InvalidConfig {
+                field: "group",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.residual == 0 || !self.residual.is_multiple_of(self.group) {
+            return Err(QuantError::GroupDoesNotDivide {
+                group: self.group,
+                axis: "residual window (R must be a positive multiple of G)",
+                len: self.residual,
+            });
+        }
+        let d = self.shape.head_dim();
+        if !d.is_multiple_of(self.group) {
+            return Err(QuantError::GroupDoesNotDivide {
+                group: self.group,
+                axis: "head_dim (value groups run along channels)",
+                len: d,
+            });
+        }
+        let k = QuantSpec::new(key_bits, self.group, GroupAxis::Tokens)?
+            .with_scale_dtype(self.scale_dtype);
+        let v = QuantSpec::new(value_bits, self.group, GroupAxis::Channels)?
+            .with_scale_dtype(self.scale_dtype);
+        Ok((k, v))
+    }
+
+    /// Builds the cache.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`] for an unsupported width, a zero group, `R` not a positive
+    /// multiple of `G`, or `G` not dividing `head_dim`.
+    pub fn init(&self, device: &Device) -> kv_core::Result<KiviCache> {
+        let (key_spec, value_spec) = self.specs().map_err(KvError::from)?;
+        Ok(KiviCache {
+            config: self.clone(),
+            device: device.clone(),
+            key_spec,
+            value_spec,
+            k_quant: None,
+            k_full: None,
+            v_quant: None,
+            v_full: None,
+            pending: None,
+            sink: None,
+            len: 0,
+            positions: vec![Vec::new(); self.shape.batch()],
+            logical: vec![0; self.shape.batch()],
+        })
+    }
+
+    /// Stored bytes per token per layer once `t` tokens (per sequence) are held with nothing
+    /// pending, counting codes, scales, zeros, the fp windows and the `u32` position of every
+    /// sequence: the formula of `docs/techniques/quant.md`, for tests and tables.
+    pub fn stored_bytes(&self, t: usize) -> kv_core::Result<usize> {
+        let (ks, vs) = self.specs().map_err(KvError::from)?;
+        let s = self.shape;
+        let (b, h, d, r) = (s.batch(), s.kv_heads(), s.head_dim(), self.residual);
+        let fp = self.residual_dtype.size();
+        let sinks = t.min(self.sinks);
+        let sink_bytes = 2 * b * h * d * fp * sinks;
+        let positions = b * t * core::mem::size_of::<u32>();
+        let t = t - sinks;
+        let tk = t - t % r;
+        let tv = t.saturating_sub(r);
+        let quant = |spec: &QuantSpec, n: usize| {
+            if n == 0 {
+                0
+            } else {
+                spec.stored_bytes([b, h, n, d])
+            }
+        };
+        Ok(quant(&ks, tk)
+            + quant(&vs, tv)
+            + b * h * d * fp * ((t - tk) + (t - tv))
+            + sink_bytes
+            + positions)
+    }
+}
+
+/// A KIVI cache for one layer. See the module docs for the storage and spill semantics.
+#[derive(Debug, Clone)]
+pub struct KiviCache {
+    config: KiviConfig,
+    device: Device,
+    key_spec: QuantSpec,
+    value_spec: QuantSpec,
+    k_quant: Option<QuantizedTensor>,
+    k_full: Option<Tensor<4>>,
+    v_quant: Option<QuantizedTensor>,
+    v_full: Option<Tensor<4>>,
+    /// The last appended block as given (fp32), attended in full precision.
+    pending: Option<(Tensor<4>, Tensor<4>)>,
+    /// The first `sinks` tokens, full precision, never quantized.
+    sink: Option<(Tensor<4>, Tensor<4>)>,
+    len: usize,
+    positions: Vec<Vec<u32>>,
+    logical: Vec<usize>,
+}
+
+/// Keys per chunk of the streamed attention (rounded down to whole groups, at least one).
+pub const ATTEND_CHUNK_TOKENS: usize = 512;
+
+fn to_i32(p: u32) -> i32 {
+    i32::try_from(p).unwrap_or(i32::MAX - 1)
+}
+
+fn int_tensor(data: Vec<i32>, shape: [usize; 4], device: &Device) -> Tensor<4, Int> {
+    Tensor::<1, Int>::from_data(
+        TensorData::new(data, [shape.iter().product::<usize>()]),
+        device,
+    )
+    .reshape(shape)
+    .cast(burn::tensor::IntDType::I32)
+}
+
+fn tokens(t: Option<&Tensor<4>>) -> usize {
+    t.map_or(0, |t| t.dims()[2])
+}
+
+fn cat_tokens(a: Option<Tensor<4>>, b: Tensor<4>) -> Tensor<4> {
+    match a {
+        Some(a) => Tensor::cat(vec![a, b], 2),
+        None => b,
+    }
+}
+
+fn slice_tokens(t: &Tensor<4>, r: core::ops::Range<usize>) -> Tensor<4> {
+    let [b, h, _, d] = t.dims();
+    t.clone().slice([0..b, 0..h, r, 0..d])
+}
+
+/// Splits `x` into its first `q >= 1` tokens and the rest (`None` when empty).
+fn split_front(x: Tensor<4>, q: usize) -> (Tensor<4>, Option<Tensor<4>>) {
+    let n = x.dims()[2];
+    if q >= n {
+        (x, None)
+    } else {
+        (slice_tokens(&x, 0..q), Some(slice_tokens(&x, q..n)))
+    }
+}
+
+/// Splits `x` into its first `q` tokens (to quantize) and the rest (to keep), the rest `None`
+/// when empty.
+fn split_at(x: Tensor<4>, q: usize) -> (Option<Tensor<4>>, Option<Tensor<4>>) {
+    let n = x.dims()[2];
+    match (q, n - q) {
+        (0, _) => (None, Some(x)),
+        (_, 0) => (Some(x), None),
+        _ => (Some(slice_tokens(&x, 0..q)), Some(slice_tokens(&x, q..n))),
+    }
+}
+
+fn join(a: Option<QuantizedTensor>, b: Option<QuantizedTensor>) -> Result<Option<QuantizedTensor>> {
+    Ok(match (a, b) {
+        (Some(a), Some(b)) => Some(a.concat(b)?),
+        (a, b) => a.or(b),
+    })
+}
+
+impl KiviCache {
+    /// The configuration.
+    pub fn config(&self) -> &KiviConfig {
+        &self.config
+    }
+    /// Tokens held per sequence (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Keys held quantized, per sequence.
+    pub fn quantized_key_tokens(&self) -> usize {
+        self.k_quant.as_ref().map_or(0, QuantizedTensor::tokens)
+    }
+    /// Keys held in the full-precision window, per sequence.
+    pub fn full_key_tokens(&self) -> usize {
+        tokens(self.k_full.as_ref())
+    }
+    /// Values held quantized, per sequence.
+    pub fn quantized_value_tokens(&self) -> usize {
+        self.v_quant.as_ref().map_or(0, QuantizedTensor::tokens)
+    }
+    /// Values held in the full-precision window, per sequence.
+    pub fn full_value_tokens(&self) -> usize {
+        tokens(self.v_full.as_ref())
+    }
+    /// Sink tokens held in full precision, per sequence (at most [`KiviConfig::sinks`]).
+    pub fn sink_tokens(&self) -> usize {
+        self.sink.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+    /// Tokens of the last appended block held as given (0 once `end_prefill` or the next
+    /// append has dropped them, or when [`KiviConfig::current_in_full_precision`] is off).
+    pub fn pending_tokens(&self) -> usize {
+        self.pending.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Keys and values as attention sees them, fp32 `[batch, kv_heads, len, head_dim]`:
+    /// dequantized store, then the window, with the pending block as given.
+    pub fn dequantized(&self) -> Option<(Tensor<4>, Tensor<4>)> {
+        (self.len > 0).then(|| self.tokens_fp32(0..self.len))
+    }
+
+    /// Keys and values of the held tokens `range` in fp32, as attention sees them. A range that
+    /// starts inside the sinks must start at 0; past the sinks its start must be a multiple of
+    /// `G` (or past the quantized keys) for the key groups to split.
+    fn tokens_fp32(&self, range: core::ops::Range<usize>) -> (Tensor<4>, Tensor<4>) {
+        let (a, b) = (range.start, range.end);
+        let sh = self.sink_tokens();
+        let part =
+            |q: &Option<QuantizedTensor>, f: &Option<Tensor<4>>, sink: Option<&Tensor<4>>| {
+                let mut parts = Vec::with_capacity(3);
+                if let Some(sk) = sink
+                    && a < sh
+                {
+                    parts.push(slice_tokens(sk, a..b.min(sh)).cast(FloatDType::F32));
+                }
+                if b <= sh {
+                    return Tensor::cat(parts, 2);
+                }
+                // Indices past the sinks, local to the quantized store and window.
+                let (a, b) = (a.max(sh) - sh, b - sh);
+                let tq = q.as_ref().map_or(0, QuantizedTensor::tokens);
+                if let Some(q) = q
+                    && a < tq
+                {
+                    // Chunk starts are multiples of G and `tq` is a multiple of R for keys: the
+                    // slice falls on group boundaries.
+                    parts.push(q.slice_tokens_aligned(a..b.min(tq)).dequantize());
+                }
+                if let Some(f) = f
+                    && b > tq
+                {
+                    parts.push(slice_tokens(f, a.max(tq) - tq..b - tq).cast(FloatDType::F32));
+                }
+                Tensor::cat(parts, 2)
+            };
+        let sink = self.sink.as_ref();
+        let mut k = part(&self.k_quant, &self.k_full, sink.map(|(k, _)| k));
+        let mut v = part(&self.v_quant, &self.v_full, sink.map(|(_, v)| v));
+        if let Some((pk, pv)) = &self.pending {
+            let np = pk.dims()[2];
+            let p0 = self.len - np;
+            let s = a.max(p0);
+            if s < b {
+                let [bb, h, _, d] = k.dims();
+                let r = [0..bb, 0..h, s - a..b - a, 0..d];
+                k = k.slice_assign(r.clone(), slice_tokens(pk, s - p0..b - p0));
+                v = v.slice_assign(r, slice_tokens(pv, s - p0..b - p0));
+            }
+        }
+        (k, v)
+    }
+
+    /// Attention streamed over chunks of [`ATTEND_CHUNK_TOKENS`] keys (rounded to whole
+    /// groups): each chunk is dequantized, scored and merged into running softmax statistics
+    /// (max, sum, weighted values), so the full-precision cache is never materialised.
+    fn attend_chunked(&self, query: &Query) -> Tensor<4> {
+        let s = self.config.shape;
+        let q = query.tensor().clone();
+        let [b, qh, n, d] = q.dims();
+        let kvh = s.kv_heads();
+        let g = qh / kvh;
+        let rows = g * n;
+        let device = q.device();
+        let q = q
+            .reshape([b, kvh, rows, d])
+            .mul_scalar(1.0 / (d as f32).sqrt());
+        let mut qp = Vec::with_capacity(b * rows);
+        for bi in 0..b {
+            for _ in 0..g {
+                qp.extend(
+                    query.positions()[bi * n..(bi + 1) * n]
+                        .iter()
+                        .map(|&p| if p == PAD { -1 } else { to_i32(p) }),
+                );
+            }
+        }
+        let qp = int_tensor(qp, [b, 1, rows, 1], &device);
+        let chunk = self.config.group * (ATTEND_CHUNK_TOKENS / self.config.group).max(1);
+        let mut m = Tensor::<4>::full([b, kvh, rows, 1], f32::MIN, &device);
+        let mut l = Tensor::<4>::zeros([b, kvh, rows, 1], &device);
+        let mut acc = Tensor::<4>::zeros([b, kvh, rows, d], &device);
+        // The sinks form their own first chunk, so that later chunks start on key groups.
+        let sh = self.sink_tokens();
+        let mut start = 0;
+        while start < self.len {
+            let end = if start < sh {
+                sh
+            } else {
+                (start + chunk).min(self.len)
+            };
+            let c = end - start;
+            let (k, v) = self.tokens_fp32(start..end);
+            let mut kp = Vec::with_capacity(b * c);
+            for p in &self.positions {
+                kp.extend(
+                    p[start..end]
+                        .iter()
+                        .map(|&p| if p == PAD { i32::MAX } else { to_i32(p) }),
+                );
+            }
+            let kp = int_tensor(kp, [b, 1, 1, c], &device);
+            let shape = [b, kvh, rows, c];
+            let mask = kp.expand(shape).greater(qp.clone().expand(shape));
+            let scores = q
+                .clone()
+                .matmul(k.swap_dims(2, 3))
+                .mask_fill(mask, f32::NEG_INFINITY);
+            let m_new = m.clone().max_pair(scores.clone().max_dim(3));
+            let corr = (m - m_new.clone()).exp();
+            let p = (scores - m_new.clone()).exp();
+            l = l * corr.clone() + p.clone().sum_dim(3);
+            acc = acc * corr + p.matmul(v);
+            m = m_new;
+            start = end;
+        }
+        let out = acc / l.clamp_min(f32::MIN_POSITIVE);
+        out.reshape([b, kvh, g, n, d]).reshape([b, qh, n, d])
+    }
+
+    fn flat_positions(&self) -> Vec<u32> {
+        self.positions.concat()
+    }
+}
+
+impl KvCache for KiviCache {
+    fn shape(&self) -> KvShape {
+        self.config.shape
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn append(&mut self, block: KvBlock) -> kv_core::Result<()> {
+        const OP: &str = "KiviCache::append";
+        let shape = self.config.shape;
+        check_block(&shape, &block, OP)?;
+        let last: Vec<Option<u32>> = self
+            .positions
+            .iter()
+            .map(|p| p.iter().rev().copied().find(|&x| x != PAD))
+            .collect();
+        let counts = check_positions(block.positions(), shape.batch(), &last, OP)?;
+        if self.config.scale_dtype == StorageDtype::F16 {
+            let both = Tensor::cat(
+                vec![
+                    block.keys().clone().abs().max(),
+                    block.values().clone().abs().max(),
+                ],
+                0,
+            );
+            self.key_spec
+                .check_range(&both.reshape([1, 1, 1, 2]), "keys/values")
+                .map_err(|_| KvError::NonFinite {
+                    op: OP,
+                    what: "keys/values beyond 32752 in magnitude (fp16 scales would overflow)",
+                })?;
+        }
+        let n = block.seq_len();
+        let r = self.config.residual;
+        let dtype = match self.config.residual_dtype {
+            StorageDtype::F32 => FloatDType::F32,
+            StorageDtype::F16 => FloatDType::F16,
+        };
+        let (k, v, pos) = block.into_parts();
+        let (k, v) = (k.cast(FloatDType::F32), v.cast(FloatDType::F32));
+
+        // Everything fallible happens on locals; the cache changes only once all succeeded.
+        // Sinks first: the block's leading tokens while fewer than `sinks` are held.
+        let take = self.config.sinks.saturating_sub(self.sink_tokens()).min(n);
+        let mut sink = self.sink.clone();
+        let (mut k_rest, mut v_rest) = (Some(k.clone()), Some(v.clone()));
+        if take > 0 {
+            let (sk, rk) = split_front(k.clone(), take);
+            let (sv, rv) = split_front(v.clone(), take);
+            sink = Some(match sink {
+                Some((ok, ov)) => (
+                    Tensor::cat(vec![ok, sk.cast(dtype)], 2),
+                    Tensor::cat(vec![ov, sv.cast(dtype)], 2),
+                ),
+                None => (sk.cast(dtype), sv.cast(dtype)),
+            });
+            (k_rest, v_rest) = (rk, rv);
+        }
+        let (k_quant, k_full) = match k_rest {
+            Some(kr) => {
+                let kf = cat_tokens(self.k_full.clone(), kr.cast(dtype));
+                let m = kf.dims()[2];
+                let (k_spill, k_full) = split_at(kf, m - m % r);
+                let k_new = k_spill
+                    .map(|x| self.key_spec.quantize_finite(x.cast(FloatDType::F32)))
+                    .transpose()?;
+                (join(self.k_quant.clone(), k_new)?, k_full)
+            }
+            None => (self.k_quant.clone(), self.k_full.clone()),
+        };
+        let (v_quant, v_full) = match v_rest {
+            Some(vr) => {
+                let vf = cat_tokens(self.v_full.clone(), vr.cast(dtype));
+                let m = vf.dims()[2];
+                let (v_spill, v_full) = split_at(vf, m.saturating_sub(r));
+                let v_new = v_spill
+                    .map(|x| self.value_spec.quantize_finite(x.cast(FloatDType::F32)))
+                    .transpose()?;
+                (join(self.v_quant.clone(), v_new)?, v_full)
+            }
+            None => (self.v_quant.clone(), self.v_full.clone()),
+        };
+
+        self.sink = sink;
+        self.k_quant = k_quant;
+        self.k_full = k_full;
+        self.v_quant = v_quant;
+        self.v_full = v_full;
+        self.pending = self.config.current_in_full_precision.then_some((k, v));
+        for b in 0..shape.batch() {
+            self.positions[b].extend_from_slice(&pos[b * n..(b + 1) * n]);
+            self.logical[b] += counts[b];
+        }
+        self.len += n;
+        Ok(())
+    }
+
+    fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
+        const OP: &str = "KiviCache::attend";
+        check_query(&self.config.shape, query, OP)?;
+        if self.len == 0 {
+            return Ok(Attended {
+                output: query.tensor().zeros_like(),
+                stats: Default::default(),
+            });
+        }
+        if !stats.any() {
+            return Ok(Attended {
+                output: self.attend_chunked(query),
+                stats: Default::default(),
+            });
+        }
+        // Statistics need the normalised probabilities of every key: the dense path.
+        let (k, v) = self.tokens_fp32(0..self.len);
+        let kp = self.flat_positions();
+        let (output, stats) = reference_attention(
+            query.tensor().clone(),
+            k,
+            v,
+            query.positions(),
+            KeyPositions::PerSequence(&kp),
+            None,
+            stats,
+        );
+        Ok(Attended { output, stats })
+    }
+
+    fn end_prefill(&mut self) -> kv_core::Result<()> {
+        self.pending = None;
+        Ok(())
+    }
+
+    fn view(&self) -> KvView {
+        let s = self.config.shape;
+        let (keys, values) = self.dequantized().unwrap_or_else(|| {
+            let z = Tensor::zeros([s.batch(), s.kv_heads(), 0, s.head_dim()], &self.device);
+            (z.clone(), z)
+        });
+        let mut positions = Vec::with_capacity(s.streams() * self.len);
+        for b in 0..s.batch() {
+            for _ in 0..s.kv_heads() {
+                positions.extend_from_slice(&self.positions[b]);
+            }
+        }
+        KvView {
+            keys,
+            values,
+            positions,
+        }
+    }
+
+    fn lengths(&self) -> Lengths {
+        Lengths {
+            held: vec![self.len; self.config.shape.streams()],
+            logical: self.logical.clone(),
+        }
+    }
+
+    fn memory(&self) -> MemoryReport {
+        let s = self.config.shape;
+        let fp = |t: &Option<Tensor<4>>| {
+            t.as_ref()
+                .map_or(0, |t| t.shape().num_elements() * t.dtype().size())
+        };
+        let q = |t: &Option<QuantizedTensor>| t.as_ref().map_or(0, QuantizedTensor::stored_bytes);
+        let pair = |p: &Option<(Tensor<4>, Tensor<4>)>| {
+            p.as_ref().map_or((0, 0), |(k, v)| {
+                (
+                    k.shape().num_elements() * k.dtype().size(),
+                    v.shape().num_elements() * v.dtype().size(),
+                )
+            })
+        };
+        let (pk, pv) = pair(&self.pending);
+        let (sk, sv) = pair(&self.sink);
+        let logical_tokens: usize = self.logical.iter().sum();
+        MemoryReport {
+            key_bytes: q(&self.k_quant) + fp(&self.k_full) + pk + sk,
+            value_bytes: q(&self.v_quant) + fp(&self.v_full) + pv + sv,
+            metadata_bytes: s.batch() * self.len * core::mem::size_of::<u32>(),
+            logical_elements: 2 * logical_tokens * s.kv_heads() * s.head_dim(),
+            logical_tokens,
+            held_token_slots: s.streams() * self.len,
+        }
+    }
+
+    fn held_buffers(&self) -> Vec<HeldBuffer> {
+        let mut out = Vec::new();
+        if let Some(q) = &self.k_quant {
+            out.extend(q.held_buffers(StorageRole::Keys));
+        }
+        if let Some(q) = &self.v_quant {
+            out.extend(q.held_buffers(StorageRole::Values));
+        }
+        if let Some(k) = &self.k_full {
+            out.push(HeldBuffer::tensor(StorageRole::Keys, k));
+        }
+        if let Some(v) = &self.v_full {
+            out.push(HeldBuffer::tensor(StorageRole::Values, v));
+        }
+        for (k, v) in self.pending.iter().chain(&self.sink) {
+            out.push(HeldBuffer::tensor(StorageRole::Keys, k));
+            out.push(HeldBuffer::tensor(StorageRole::Values, v));
+        }
+        for p in &self.positions {
+            out.push(HeldBuffer::host(StorageRole::Metadata, p));
+        }
+        out
+    }
+
+    fn reset(&mut self) {
+        self.k_quant = None;
+        self.k_full = None;
+        self.v_quant = None;
+        self.v_full = None;
+        self.pending = None;
+        self.sink = None;
+        self.len = 0;
+        for p in &mut self.positions {
+            *p = Vec::new();
+        }
+        self.logical.iter_mut().for_each(|l| *l = 0);
+    }
+}

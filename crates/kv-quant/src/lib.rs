@@ -1,0 +1,40 @@
+//! KV-cache quantization for kv-compress: bit packing of small codes into `U32` words, uniform
+//! group quantizers (asymmetric and symmetric, grouped along tokens or channels) and the KIVI
+//! cache (per-channel keys, per-token values, a full-precision window of recent tokens).
+//!
+//! Everything is written with Burn tensor ops on `Tensor<D>` and a [`Device`](burn::prelude::Device),
+//! so it runs on every backend; the crate enables no backend itself.
+//!
+//! # Modules
+//! - [`packing`]: the packed layout (1, 2, 3, 4 and 8 bits per code) and its byte accounting.
+//! - [`group`]: [`QuantSpec`] and [`QuantizedTensor`]; the math and the error bound.
+//! - [`kivi`]: [`KiviCache`], a [`KvCache`](kv_core::KvCache) with KIVI's spill semantics.
+//!
+//! # Example
+//! ```
+//! use burn::prelude::*;
+//! use kv_core::{KvBlock, KvCache, KvShape};
+//! use kv_quant::KiviConfig;
+//!
+//! # fn main() -> Result<(), kv_core::KvError> {
+//! let device = Device::default();
+//! let shape = KvShape::new(1, 2, 4, 64)?;
+//! let mut cache = KiviConfig::new(shape).with_residual(32).init(&device)?;
+//! let k = Tensor::<4>::ones([1, 2, 70, 64], &device);
+//! cache.append(KvBlock::contiguous(k.clone(), k, 0)?)?;
+//! cache.end_prefill()?;
+//! assert_eq!(cache.quantized_key_tokens(), 64); // 70 - 70 mod 32
+//! assert_eq!(cache.full_value_tokens(), 32); // the last R values stay in full precision
+//! # Ok(())
+//! # }
+//! ```
+
+mod error;
+pub mod group;
+pub mod kivi;
+pub mod packing;
+
+pub use error::{QuantError, Result};
+pub use group::{GroupAxis, QuantMode, QuantSpec, QuantizedTensor};
+pub use kivi::{KiviCache, KiviConfig};
+pub use packing::BitWidth;
