@@ -259,6 +259,41 @@ pub fn registry() -> Vec<MethodEntry> {
                 Ok(Box::new(cfg.init(&cx.device)?) as Box<dyn KvCache>)
             },
         },
+        // kv-evict: budget allocation over the kvpress scorers.
+        MethodEntry {
+            name: "pyramidkv",
+            summary: "SnapKV scores, layer budgets decreasing linearly with depth, beta 20 \
+                      (kvpress PyramidKVPress)",
+            params: &["window", "kernel", "gqa", "beta"],
+            takes_ratio: true,
+            build: build_pyramidkv,
+        },
+        MethodEntry {
+            name: "adakv_snapkv",
+            summary: "SnapKV scores, head-wise budgets by a bottom-k over the layer's heads, \
+                      alpha_safeguard 0.2 (kvpress AdaKVPress(SnapKVPress))",
+            params: &["window", "kernel", "gqa", "alpha_safeguard"],
+            takes_ratio: true,
+            build: build_adakv,
+        },
+        MethodEntry {
+            name: "adakv",
+            summary: "Ada-KV head-wise budgets over any scorer (`scorer=NAME`, default snapkv, \
+                      with that scorer's parameters; kvpress AdaKVPress)",
+            params: ADAKV_PARAMS,
+            takes_ratio: true,
+            build: build_adakv,
+        },
+        // kv-evict: H2O, decode-time.
+        MethodEntry {
+            name: "h2o",
+            summary: "H2O: heavy hitters by attention accumulated over prefill and decode + \
+                      recent tokens, evicted while decoding (heavy, recent: counts or \
+                      fractions of the prompt; default 0.1 each)",
+            params: &["heavy", "recent", "gqa"],
+            takes_ratio: false,
+            build: build_h2o,
+        },
         // kv-quant: KIVI (per-channel keys, per-token values, fp window of recent tokens).
         MethodEntry {
             name: "kivi",
@@ -267,6 +302,70 @@ pub fn registry() -> Vec<MethodEntry> {
             params: kv_quant::KiviConfig::PARAMS,
             takes_ratio: false,
             build: build_kivi,
+        },
+        // kv-quant: serving-engine storage formats (llama.cpp blocks, vLLM fp8), every token
+        // quantized on append; every entry takes `v=FORMAT` (values in another format),
+        // `scale=tensor|head|unit` (fp8) and `search=refit|ntry7` (iq4_nl).
+        MethodEntry {
+            name: "q8_0",
+            summary: "llama.cpp q8_0 blocks along head_dim: 32 int8 codes + fp16 d = amax/127 \
+                      (8.5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
+        },
+        MethodEntry {
+            name: "q4_0",
+            summary: "llama.cpp q4_0 blocks: 32 4-bit codes + fp16 d = max/-8 (4.5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
+        },
+        MethodEntry {
+            name: "q4_1",
+            summary: "llama.cpp q4_1 blocks: 32 4-bit codes + fp16 d and min (5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
+        },
+        MethodEntry {
+            name: "q5_0",
+            summary: "llama.cpp q5_0 blocks: 32 5-bit codes (4-bit + high-bit plane) + fp16 d \
+                      (5.5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
+        },
+        MethodEntry {
+            name: "q5_1",
+            summary: "llama.cpp q5_1 blocks: 32 5-bit codes + fp16 d and min (6 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
+        },
+        MethodEntry {
+            name: "iq4_nl",
+            summary: "llama.cpp iq4_nl blocks: 4-bit kvalues_iq4nl indices + fp16 d (4.5 bits; \
+                      search=refit|ntry7)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
+        },
+        MethodEntry {
+            name: "fp8_e4m3",
+            summary: "vLLM-style fp8 e4m3, scale amax/448 of the first block \
+                      (scale=tensor|head|unit)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
+        },
+        MethodEntry {
+            name: "fp8_e5m2",
+            summary: "vLLM-style fp8 e5m2, scale amax/57344 of the first block \
+                      (scale=tensor|head|unit)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            build: build_block_quant,
         },
     ]
 }
@@ -362,6 +461,118 @@ fn build_evict(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>>
     Ok(Box::new(cfg.init(&cx.device).map_err(bad)?) as Box<dyn KvCache>)
 }
 
+/// Parameters of `adakv`: `scorer`, `alpha_safeguard` and every scorer's parameters (each
+/// checked against the chosen scorer by [`kv_evict::ScorerConfig::from_params`]).
+const ADAKV_PARAMS: &[&str] = &[
+    "scorer",
+    "alpha_safeguard",
+    "window",
+    "kernel",
+    "gqa",
+    "n_sink",
+    "n_future_positions",
+    "use_covariance",
+    "use_vnorm",
+    "epsilon",
+];
+
+/// Maps a kv-core config error to the harness's parameter error of `spec`.
+fn bad_param(spec: &MethodSpec) -> impl Fn(kv_core::KvError) -> EvalError + '_ {
+    move |e| match e {
+        kv_core::KvError::InvalidConfig { field, reason } => EvalError::BadParam {
+            method: spec.name.clone(),
+            param: field.into(),
+            reason,
+        },
+        other => EvalError::Cache(other),
+    }
+}
+
+/// Builds one layer's kv-evict cache with scorer `scorer` (parameters from `spec` except
+/// those in `skip`) and budget `budget`.
+fn build_budgeted(
+    spec: &MethodSpec,
+    cx: &LayerContext,
+    scorer: &str,
+    skip: &[&str],
+    budget: kv_evict::BudgetKind,
+) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let scorer = kv_evict::ScorerConfig::from_params(
+        scorer,
+        spec.params
+            .iter()
+            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    let cfg = kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
+        .with_budget(budget)
+        .with_rope(cx.rope.clone())
+        .with_layer(cx.layer, cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?) as Box<dyn KvCache>)
+}
+
+/// Parses an optional float parameter.
+fn float_param(spec: &MethodSpec, key: &str, default: f64) -> Result<f64> {
+    spec.params.get(key).map_or(Ok(default), |v| {
+        v.parse().map_err(|_| EvalError::BadParam {
+            method: spec.name.clone(),
+            param: key.into(),
+            reason: format!("`{v}` is not a number"),
+        })
+    })
+}
+
+/// PyramidKV: SnapKV scores with kvpress's pyramid layer budgets.
+fn build_pyramidkv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let beta = float_param(spec, "beta", 20.0)?;
+    build_budgeted(
+        spec,
+        cx,
+        "snapkv",
+        &["beta"],
+        kv_evict::BudgetKind::Pyramid { beta },
+    )
+}
+
+/// Ada-KV (`adakv_snapkv`, or `adakv` with `scorer=NAME`): kvpress's head-wise budgets.
+fn build_adakv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let alpha_safeguard = float_param(spec, "alpha_safeguard", 0.2)?;
+    let scorer = match spec.name.strip_prefix("adakv_") {
+        Some(s) => s,
+        None => spec.params.get("scorer").map_or("snapkv", String::as_str),
+    };
+    build_budgeted(
+        spec,
+        cx,
+        scorer,
+        &["alpha_safeguard", "scorer"],
+        kv_evict::BudgetKind::AdaKv { alpha_safeguard },
+    )
+}
+
+/// H2O (decode-time): `heavy` and `recent` as token counts or fractions of the prompt.
+fn build_h2o(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let budget = |key: &'static str| -> Result<kv_evict::TokenBudget> {
+        spec.params
+            .get(key)
+            .map_or(Ok(kv_evict::TokenBudget::Ratio(0.1)), |v| {
+                kv_evict::TokenBudget::parse(key, v).map_err(&bad)
+            })
+    };
+    let mut cfg = kv_evict::H2oConfig::new(cx.shape, budget("heavy")?, budget("recent")?);
+    if let Some(g) = spec.params.get("gqa") {
+        cfg.gqa = kv_evict::GqaReduce::parse(g).ok_or_else(|| EvalError::BadParam {
+            method: spec.name.clone(),
+            param: "gqa".into(),
+            reason: format!("`{g}` is not one of mean, max, sum"),
+        })?;
+    }
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?) as Box<dyn KvCache>)
+}
+
 /// Builds one layer's KIVI cache (kv-quant); parameters map to [`kv_quant::KiviConfig`].
 fn build_kivi(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
     let bad = |e: kv_core::KvError| match e {
@@ -377,5 +588,17 @@ fn build_kivi(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> 
         spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
     .map_err(bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(bad)?) as Box<dyn KvCache>)
+}
+
+/// Builds one layer's serving-engine-format cache (kv-quant); the method name is the format.
+fn build_block_quant(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_quant::BlockQuantConfig::from_params(
+        cx.shape,
+        &spec.name,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
     Ok(Box::new(cfg.init(&cx.device).map_err(bad)?) as Box<dyn KvCache>)
 }

@@ -2,9 +2,10 @@
 //!
 //! Budgets follow kvpress: `ratio` is the fraction of tokens *removed* (`compression_ratio`)
 //! and a stream of `n` tokens keeps `floor(n * (1 - ratio))`. [`UniformBudget`] gives every
-//! layer and head the same fraction; the [`BudgetAllocator`] trait also receives the layer
-//! index and the scores, which is what layer-wise (PyramidKV) and head-wise (Ada-KV, HeadKV)
-//! allocators need.
+//! layer and head the same fraction; [`PyramidBudget`] (kvpress `PyramidKVPress`) gives the
+//! lower layers more and the upper layers less with the same average; [`AdaKvBudget`]
+//! (kvpress `AdaKVPress`) gives the heads of a layer different budgets with the same layer
+//! total, by a bottom-k over the scores of every head.
 
 use core::fmt::Debug;
 
@@ -83,23 +84,300 @@ impl BudgetAllocator for UniformBudget {
     }
 }
 
+/// kvpress's `round`: Python's `round`, half to even.
+fn py_round(x: f64) -> usize {
+    let r = x.round_ties_even();
+    if r.is_finite() && r > 0.0 {
+        r as usize
+    } else {
+        0
+    }
+}
+
+/// PyramidKV's layer budgets (kvpress `PyramidKVPress.get_layer_budget`): the number of
+/// tokens a layer keeps decreases linearly with depth, with the same average as the uniform
+/// budget.
+///
+/// For a stream of `n` tokens, observation window `w` (SnapKV's, which is *inside* the
+/// budget: the window tokens are scored `max + 1` and kept by the same top-k) and `L` layers,
+/// in f64 as kvpress computes it:
+///
+/// ```text
+/// avg = (w + n (1 - ratio)) - w          (kvpress: max_capacity_prompt - window_size)
+/// min = avg / beta,  max = 2 avg - min
+/// if max >= n - w:  max = n - w,  min = 2 avg - max
+/// if not (n >= max >= min >= w):  every layer keeps round(n (1 - ratio))   (fallback)
+/// else layer l keeps round(max - l (max - min) / (L - 1))
+/// ```
+///
+/// `round` is Python's (half to even). The fallback is kvpress's "fall back to SnapKV", with
+/// its `round` (the uniform budget floors; they differ only when `n (1 - ratio)` has a
+/// fractional part of at least one half). A single-layer model (`L = 1`, where kvpress divides by
+/// zero) takes the fallback. The sum over layers is `L * avg` up to `L / 2` of rounding.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PyramidBudget {
+    /// Fraction of tokens removed on average, in `[0, 1)`.
+    pub ratio: f64,
+    /// The observation window counted inside the budget (SnapKV's `window`).
+    pub window: usize,
+    /// Steepness: the top layer keeps `1 / beta` of the average (kvpress default 20; `>= 1`).
+    pub beta: f64,
+}
+
+impl PyramidBudget {
+    /// A validated pyramid.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`] for a ratio outside `[0, 1)` or a `beta` below 1 or not
+    /// finite.
+    pub fn new(ratio: f64, window: usize, beta: f64) -> Result<Self> {
+        check_ratio(ratio)?;
+        check_beta(beta)?;
+        Ok(PyramidBudget {
+            ratio,
+            window,
+            beta,
+        })
+    }
+
+    /// The pyramid's `(max, min)` for a stream of `n` tokens, or `None` when it is infeasible
+    /// (kvpress then falls back to the uniform budget).
+    pub fn range(&self, n: usize) -> Option<(f64, f64)> {
+        let (q, w) = (n as f64, self.window as f64);
+        let max_capacity_prompt = w + q * (1.0 - self.ratio);
+        let avg = max_capacity_prompt - w;
+        let mut min = avg / self.beta;
+        let mut max = avg * 2.0 - min;
+        if max >= q - w {
+            max = q - w;
+            min = avg * 2.0 - max;
+        }
+        (q >= max && max >= min && min >= w).then_some((max, min))
+    }
+
+    /// Tokens kept by layer `layer` of `num_layers` out of a stream of `n` tokens.
+    pub fn layer_budget(&self, n: usize, layer: usize, num_layers: usize) -> usize {
+        match self.range(n) {
+            Some((max, min)) if num_layers >= 2 => {
+                let steps = (max - min) / (num_layers - 1) as f64;
+                py_round(max - layer as f64 * steps).min(n)
+            }
+            _ => py_round(n as f64 * (1.0 - self.ratio)).min(n),
+        }
+    }
+}
+
+fn check_beta(beta: f64) -> Result<()> {
+    if beta.is_finite() && beta >= 1.0 {
+        Ok(())
+    } else {
+        Err(KvError::InvalidConfig {
+            field: "beta",
+            reason: format!("{beta} must be a number >= 1 (kvpress asserts beta >= 1)"),
+        })
+    }
+}
+
+impl BudgetAllocator for PyramidBudget {
+    fn allocate(&self, ctx: &BudgetContext<'_>) -> Result<Vec<usize>> {
+        check_ratio(self.ratio)?;
+        check_beta(self.beta)?;
+        if ctx.layer >= ctx.num_layers {
+            return Err(KvError::InvalidConfig {
+                field: "layer",
+                reason: format!(
+                    "layer {} is not below num_layers {}",
+                    ctx.layer, ctx.num_layers
+                ),
+            });
+        }
+        Ok(ctx
+            .held
+            .iter()
+            .map(|&n| self.layer_budget(n, ctx.layer, ctx.num_layers))
+            .collect())
+    }
+}
+
+/// Ada-KV's head-wise budgets, with kvpress `AdaKVPress` semantics.
+///
+/// Per sequence of a layer, with `n` tokens per KV head and `H` KV heads: `n_kept =
+/// floor(n (1 - ratio))` (the uniform budget) and `n_safe = floor(n_kept * alpha_safeguard)`;
+/// the `n_safe` best tokens of every head are protected, then the `H * (n - n_kept)` lowest
+/// scores over *all* heads of the sequence are evicted. A head keeps its protected tokens plus
+/// whatever of its own survived the global cut, so heads with concentrated scores give budget
+/// to heads with spread-out ones, and the layer total is exactly `H * n_kept`. The head's kept
+/// set is then its `b_h` best tokens (what [`keep_lists`](crate::keep_lists) selects).
+///
+/// Ties are broken towards the lower (head, token) index, as [`top_k_sorted`](crate::top_k_sorted)
+/// does; NaN scores rank lowest. Heads of different lengths are allowed (each gets its own
+/// `n_kept`; the cut is over their sum).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaKvBudget {
+    /// Fraction of tokens removed per layer, in `[0, 1)`.
+    pub ratio: f64,
+    /// Fraction of the uniform budget every head keeps for sure, in `[0, 1]` (kvpress 0.20).
+    pub alpha_safeguard: f64,
+}
+
+impl AdaKvBudget {
+    /// A validated Ada-KV allocator.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`] for a ratio outside `[0, 1)` or `alpha_safeguard` outside
+    /// `[0, 1]`.
+    pub fn new(ratio: f64, alpha_safeguard: f64) -> Result<Self> {
+        check_ratio(ratio)?;
+        check_alpha(alpha_safeguard)?;
+        Ok(AdaKvBudget {
+            ratio,
+            alpha_safeguard,
+        })
+    }
+
+    /// Budgets of the heads of one sequence, from their scores (one list per head).
+    pub fn head_budgets(&self, scores: &[&[f32]]) -> Vec<usize> {
+        let key = |s: f32| if s.is_nan() { f32::NEG_INFINITY } else { s };
+        // (protected, score, head, token) for every entry; higher protected/score first.
+        let mut entries: Vec<(bool, f32, usize, usize)> = Vec::new();
+        let mut total_kept = 0;
+        for (h, s) in scores.iter().enumerate() {
+            let n_kept = kept_for(s.len(), self.ratio);
+            let n_safe = ((n_kept as f64) * self.alpha_safeguard).floor() as usize;
+            total_kept += n_kept;
+            let safe = crate::select::top_k_sorted(s, n_safe.min(n_kept));
+            let mut protected = vec![false; s.len()];
+            for &j in &safe {
+                protected[j] = true;
+            }
+            entries.extend(
+                s.iter()
+                    .enumerate()
+                    .map(|(j, &x)| (protected[j], key(x), h, j)),
+            );
+        }
+        let by_rank = |a: &(bool, f32, usize, usize), b: &(bool, f32, usize, usize)| {
+            b.0.cmp(&a.0)
+                .then(b.1.total_cmp(&a.1))
+                .then((a.2, a.3).cmp(&(b.2, b.3)))
+        };
+        let mut budgets = vec![0; scores.len()];
+        if total_kept == 0 {
+            return budgets;
+        }
+        if total_kept < entries.len() {
+            entries.select_nth_unstable_by(total_kept - 1, by_rank);
+            entries.truncate(total_kept);
+        }
+        for e in &entries {
+            budgets[e.2] += 1;
+        }
+        budgets
+    }
+}
+
+fn check_alpha(alpha: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&alpha) {
+        Ok(())
+    } else {
+        Err(KvError::InvalidConfig {
+            field: "alpha_safeguard",
+            reason: format!("{alpha} is not in [0, 1]"),
+        })
+    }
+}
+
+impl BudgetAllocator for AdaKvBudget {
+    fn allocate(&self, ctx: &BudgetContext<'_>) -> Result<Vec<usize>> {
+        check_ratio(self.ratio)?;
+        check_alpha(self.alpha_safeguard)?;
+        let h = ctx.kv_heads.max(1);
+        if ctx.held.len() != ctx.scores.len() || !ctx.held.len().is_multiple_of(h) {
+            return Err(KvError::ShapeMismatch {
+                op: "AdaKvBudget::allocate",
+                what: "score lists (batch * kv_heads)",
+                expected: ctx.held.len(),
+                got: ctx.scores.len(),
+            });
+        }
+        if let Some(s) = (0..ctx.held.len()).find(|&s| ctx.scores[s].len() != ctx.held[s]) {
+            return Err(KvError::ShapeMismatch {
+                op: "AdaKvBudget::allocate",
+                what: "scores of a stream",
+                expected: ctx.held[s],
+                got: ctx.scores[s].len(),
+            });
+        }
+        let mut out = Vec::with_capacity(ctx.held.len());
+        for seq in ctx.scores.chunks(h) {
+            let lists: Vec<&[f32]> = seq.iter().map(Vec::as_slice).collect();
+            out.extend(self.head_budgets(&lists));
+        }
+        Ok(out)
+    }
+}
+
 /// The serialisable choice of allocator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BudgetKind {
     /// [`UniformBudget`] (kvpress's `ScorerPress`).
     #[default]
     Uniform,
+    /// [`PyramidBudget`] (kvpress's `PyramidKVPress`); the window is the scorer's.
+    Pyramid {
+        /// Steepness (kvpress default 20).
+        #[serde(default = "default_beta")]
+        beta: f64,
+    },
+    /// [`AdaKvBudget`] (kvpress's `AdaKVPress`).
+    AdaKv {
+        /// Fraction of the uniform budget every head keeps for sure (kvpress default 0.20).
+        #[serde(default = "default_alpha")]
+        alpha_safeguard: f64,
+    },
+}
+
+fn default_beta() -> f64 {
+    20.0
+}
+
+fn default_alpha() -> f64 {
+    0.2
 }
 
 impl BudgetKind {
-    /// The allocator for this kind at compression ratio `ratio`.
+    /// PyramidKV with kvpress's `beta = 20`.
+    pub const PYRAMID: BudgetKind = BudgetKind::Pyramid { beta: 20.0 };
+    /// Ada-KV with kvpress's `alpha_safeguard = 0.20`.
+    pub const ADAKV: BudgetKind = BudgetKind::AdaKv {
+        alpha_safeguard: 0.2,
+    };
+
+    /// The registry-style name (`uniform`, `pyramid`, `adakv`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BudgetKind::Uniform => "uniform",
+            BudgetKind::Pyramid { .. } => "pyramid",
+            BudgetKind::AdaKv { .. } => "adakv",
+        }
+    }
+
+    /// The allocator for this kind at compression ratio `ratio`; `window` is the scorer's
+    /// observation window (counted inside PyramidKV's budgets, as kvpress does).
     ///
     /// # Errors
-    /// [`KvError::InvalidConfig`] for a ratio outside `[0, 1)`.
-    pub fn allocator(self, ratio: f64) -> Result<Box<dyn BudgetAllocator>> {
+    /// [`KvError::InvalidConfig`] for a ratio outside `[0, 1)` or a bad `beta` or
+    /// `alpha_safeguard`.
+    pub fn allocator(self, ratio: f64, window: usize) -> Result<Box<dyn BudgetAllocator>> {
         match self {
             BudgetKind::Uniform => Ok(Box::new(UniformBudget::new(ratio)?)),
+            BudgetKind::Pyramid { beta } => Ok(Box::new(PyramidBudget::new(ratio, window, beta)?)),
+            BudgetKind::AdaKv { alpha_safeguard } => {
+                Ok(Box::new(AdaKvBudget::new(ratio, alpha_safeguard)?))
+            }
         }
     }
 }

@@ -76,6 +76,11 @@ impl EvictConfig {
         self.num_layers = num_layers;
         self
     }
+    /// Sets the budget allocation (PyramidKV layer budgets, Ada-KV head budgets).
+    pub fn with_budget(mut self, budget: BudgetKind) -> Self {
+        self.budget = budget;
+        self
+    }
     /// Sets the storage dtype.
     pub fn with_dtype(mut self, dtype: StorageDtype) -> Self {
         self.dtype = dtype;
@@ -90,8 +95,9 @@ impl EvictConfig {
     /// Validates the config and builds the cache.
     ///
     /// # Errors
-    /// [`KvError::InvalidConfig`]: a ratio outside `[0, 1)`, bad scorer parameters, a layer
-    /// index not below `num_layers`, a missing or mismatched RoPE for `expected_attention`.
+    /// [`KvError::InvalidConfig`]: a ratio outside `[0, 1)`, bad scorer or budget parameters,
+    /// a layer index not below `num_layers`, a missing or mismatched RoPE for
+    /// `expected_attention`.
     pub fn init(&self, device: &Device) -> Result<EvictingCache> {
         check_ratio(self.ratio)?;
         self.scorer.validate()?;
@@ -129,7 +135,9 @@ impl EvictConfig {
                 ),
             });
         }
-        let allocator = self.budget.allocator(self.ratio)?;
+        let allocator = self
+            .budget
+            .allocator(self.ratio, self.scorer.needs().window)?;
         let inner = RaggedCacheConfig::new(self.shape)
             .with_dtype(self.dtype)
             .init(device)?;

@@ -9,8 +9,9 @@
 //!   reproduce kvpress's `score` methods, GQA reduction explicit ([`GqaReduce`]).
 //! - **Budget allocation** ([`BudgetAllocator`]): how many tokens each (sequence, KV head)
 //!   keeps. kvpress's semantics: `ratio` is the fraction *removed* and a stream of `n` tokens
-//!   keeps `floor(n * (1 - ratio))` ([`UniformBudget`]). The trait sees the layer index and
-//!   every head's scores, ready for layer-wise (PyramidKV) and head-wise (Ada-KV) budgets.
+//!   keeps `floor(n * (1 - ratio))` ([`UniformBudget`]); [`PyramidBudget`] (PyramidKV: layer
+//!   budgets decreasing linearly with depth) and [`AdaKvBudget`] (Ada-KV: head budgets from a
+//!   bottom-k over every head of a layer) keep the same average with kvpress's rules.
 //! - **Execution** ([`EvictingCache`]): a [`kv_core::KvCache`] over
 //!   [`kv_core::RaggedCache`] that records what its scorer needs from the attention calls
 //!   the model makes during prefill (the last `window` post-RoPE queries, attention column
@@ -19,15 +20,15 @@
 //!   [`RaggedCache::retain`](kv_core::RaggedCache::retain), and keeps later tokens
 //!   uncompressed (kvpress's protocol: compress the context once, then decode).
 //!
-//! - **Streaming** ([`StreamingCache`]): StreamingLLM as a decode-time policy, sinks plus a
-//!   rolling window of recent tokens, evicted as tokens arrive.
+//! - **Decode-time policies**: [`StreamingCache`] (StreamingLLM: sinks plus a rolling window
+//!   of recent tokens) and [`H2oCache`] (H2O: heavy hitters by attention accumulated over
+//!   prefill and decode, plus recent tokens), evicting as tokens arrive.
 //!
 //! # What it is not
-//! Not a decode-time scorer: the scored methods compress the prompt once (kvpress's
-//! protocol); only [`StreamingCache`] evicts during decoding. StreamingLLM keeps original
+//! The kvpress scorers compress the prompt once (kvpress's protocol); only
+//! [`StreamingCache`] and [`H2oCache`] evict during decoding. StreamingLLM keeps original
 //! positions (no "pos-shift" RoPE re-rotation, as kvpress without `KeyRerotationPress`). Not a
-//! selection method (Quest and the like keep everything and attend to a subset). Budgets are
-//! uniform for now.
+//! selection method (Quest and the like keep everything and attend to a subset).
 //!
 //! # Example
 //! ```
@@ -50,16 +51,19 @@
 mod budget;
 mod cache;
 mod gqa;
+mod h2o;
 pub mod score;
 mod scorer;
 mod select;
 mod streaming;
 
 pub use budget::{
-    BudgetAllocator, BudgetContext, BudgetKind, UniformBudget, check_ratio, kept_for,
+    AdaKvBudget, BudgetAllocator, BudgetContext, BudgetKind, PyramidBudget, UniformBudget,
+    check_ratio, kept_for,
 };
 pub use cache::{EvictConfig, EvictOutcome, EvictingCache};
 pub use gqa::GqaReduce;
+pub use h2o::{H2oCache, H2oConfig, HeavyHitters, TokenBudget};
 pub use scorer::{Needs, PARAMS, ScorerConfig};
 pub use select::{keep_lists, top_k_sorted};
 pub use streaming::{StreamingCache, StreamingConfig};

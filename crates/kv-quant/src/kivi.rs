@@ -44,6 +44,7 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::attend::attend_streamed;
 use crate::group::{GroupAxis, QuantSpec, QuantizedTensor};
 use crate::packing::BitWidth;
 use crate::{QuantError, Result};
@@ -331,19 +332,6 @@ pub struct KiviCache {
 /// Keys per chunk of the streamed attention (rounded down to whole groups, at least one).
 pub const ATTEND_CHUNK_TOKENS: usize = 512;
 
-fn to_i32(p: u32) -> i32 {
-    i32::try_from(p).unwrap_or(i32::MAX - 1)
-}
-
-fn int_tensor(data: Vec<i32>, shape: [usize; 4], device: &Device) -> Tensor<4, Int> {
-    Tensor::<1, Int>::from_data(
-        TensorData::new(data, [shape.iter().product::<usize>()]),
-        device,
-    )
-    .reshape(shape)
-    .cast(burn::tensor::IntDType::I32)
-}
-
 fn tokens(t: Option<&Tensor<4>>) -> usize {
     t.map_or(0, |t| t.dims()[2])
 }
@@ -488,67 +476,17 @@ impl KiviCache {
     /// groups): each chunk is dequantized, scored and merged into running softmax statistics
     /// (max, sum, weighted values), so the full-precision cache is never materialised.
     fn attend_chunked(&self, query: &Query) -> Tensor<4> {
-        let s = self.config.shape;
-        let q = query.tensor().clone();
-        let [b, qh, n, d] = q.dims();
-        let kvh = s.kv_heads();
-        let g = qh / kvh;
-        let rows = g * n;
-        let device = q.device();
-        let q = q
-            .reshape([b, kvh, rows, d])
-            .mul_scalar(1.0 / (d as f32).sqrt());
-        let mut qp = Vec::with_capacity(b * rows);
-        for bi in 0..b {
-            for _ in 0..g {
-                qp.extend(
-                    query.positions()[bi * n..(bi + 1) * n]
-                        .iter()
-                        .map(|&p| if p == PAD { -1 } else { to_i32(p) }),
-                );
-            }
-        }
-        let qp = int_tensor(qp, [b, 1, rows, 1], &device);
         let chunk = self.config.group * (ATTEND_CHUNK_TOKENS / self.config.group).max(1);
-        let mut m = Tensor::<4>::full([b, kvh, rows, 1], f32::MIN, &device);
-        let mut l = Tensor::<4>::zeros([b, kvh, rows, 1], &device);
-        let mut acc = Tensor::<4>::zeros([b, kvh, rows, d], &device);
         // The sinks form their own first chunk, so that later chunks start on key groups.
         let sh = self.sink_tokens();
-        let mut start = 0;
-        while start < self.len {
-            let end = if start < sh {
-                sh
-            } else {
-                (start + chunk).min(self.len)
-            };
-            let c = end - start;
-            let (k, v) = self.tokens_fp32(start..end);
-            let mut kp = Vec::with_capacity(b * c);
-            for p in &self.positions {
-                kp.extend(
-                    p[start..end]
-                        .iter()
-                        .map(|&p| if p == PAD { i32::MAX } else { to_i32(p) }),
-                );
-            }
-            let kp = int_tensor(kp, [b, 1, 1, c], &device);
-            let shape = [b, kvh, rows, c];
-            let mask = kp.expand(shape).greater(qp.clone().expand(shape));
-            let scores = q
-                .clone()
-                .matmul(k.swap_dims(2, 3))
-                .mask_fill(mask, f32::NEG_INFINITY);
-            let m_new = m.clone().max_pair(scores.clone().max_dim(3));
-            let corr = (m - m_new.clone()).exp();
-            let p = (scores - m_new.clone()).exp();
-            l = l * corr.clone() + p.clone().sum_dim(3);
-            acc = acc * corr + p.matmul(v);
-            m = m_new;
-            start = end;
-        }
-        let out = acc / l.clamp_min(f32::MIN_POSITIVE);
-        out.reshape([b, kvh, g, n, d]).reshape([b, qh, n, d])
+        attend_streamed(
+            query,
+            self.config.shape.kv_heads(),
+            self.len,
+            &self.positions,
+            |start| if start < sh { sh } else { start + chunk },
+            |range| self.tokens_fp32(range),
+        )
     }
 
     fn flat_positions(&self) -> Vec<u32> {

@@ -1,6 +1,7 @@
 //! KV-cache quantization for kv-compress: bit packing of small codes into `U32` words, uniform
-//! group quantizers (asymmetric and symmetric, grouped along tokens or channels) and the KIVI
-//! cache (per-channel keys, per-token values, a full-precision window of recent tokens).
+//! group quantizers (asymmetric and symmetric, grouped along tokens or channels), the KIVI
+//! cache (per-channel keys, per-token values, a full-precision window of recent tokens) and
+//! serving-engine storage formats as a cache (llama.cpp `q8_0` ... `iq4_nl` blocks, fp8).
 //!
 //! Everything is written with Burn tensor ops on `Tensor<D>` and a [`Device`](burn::prelude::Device),
 //! so it runs on every backend; the crate enables no backend itself.
@@ -9,6 +10,11 @@
 //! - [`packing`]: the packed layout (1, 2, 3, 4 and 8 bits per code) and its byte accounting.
 //! - [`group`]: [`QuantSpec`] and [`QuantizedTensor`]; the math and the error bound.
 //! - [`kivi`]: [`KiviCache`], a [`KvCache`](kv_core::KvCache) with KIVI's spill semantics.
+//! - [`fp8`]: fp8 `e4m3`/`e5m2` codes computed with tensor ops (no fp8 dtype needed).
+//! - [`blocks`]: serving-engine formats ([`BlockFormat`]: llama.cpp `q8_0`, `q4_0`, `q4_1`,
+//!   `q5_0`, `q5_1`, `iq4_nl`; vLLM-style fp8) and [`EncodedBlocks`].
+//! - [`block_cache`]: [`BlockQuantCache`], a [`KvCache`](kv_core::KvCache) stored in a
+//!   [`BlockFormat`].
 //!
 //! # Example
 //! ```
@@ -29,10 +35,18 @@
 //! # }
 //! ```
 
+mod attend;
+pub mod block_cache;
+pub mod blocks;
 mod error;
+pub mod fp8;
 pub mod group;
 pub mod kivi;
 pub mod packing;
+
+pub use block_cache::{BlockQuantCache, BlockQuantConfig, Fp8Scale};
+pub use blocks::{BlockFormat, EncodedBlocks, Iq4Search};
+pub use fp8::Fp8Format;
 
 pub use error::{QuantError, Result};
 pub use group::{GroupAxis, QuantMode, QuantSpec, QuantizedTensor};

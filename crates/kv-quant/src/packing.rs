@@ -45,6 +45,13 @@ impl BitWidth {
         BitWidth(8),
     ];
 
+    /// One bit per code.
+    pub const ONE: BitWidth = BitWidth(1);
+    /// Four bits per code.
+    pub const FOUR: BitWidth = BitWidth(4);
+    /// Eight bits per code.
+    pub const EIGHT: BitWidth = BitWidth(8);
+
     /// Validates a width.
     ///
     /// # Errors

@@ -25,7 +25,7 @@ USAGE:
                   --method NAME [--ratio R] [--param k=v ...] [--json OUT]
   kv-eval forward [--model PATH] [--text PATH] [--start-at STR] --tokens N [--json OUT]
   kv-eval compare [--model PATH] [--text PATH] [--start-at STR] [--prefill N] [--score N]
-                  [--protocol a|windows|stream] [--methods all|NAME,NAME] [--json OUT]
+                  [--protocol a|windows|stream] [--methods default|all|SPEC,SPEC] [--json OUT]
   kv-eval fidelity [--model PATH] [--text PATH] [--start-at STR] --prefill N --score N
                   [--method ... | --pipeline ... | --config ...] [--json OUT]
   kv-eval needle  [--model PATH] [--text PATH] [--lengths 2048,4096,8192] [--depths 0.1,0.5,0.9]
@@ -40,7 +40,8 @@ USAGE:
 Defaults: --model and --text point into the asset folder ($KV_ASSETS_DIR or ./assets, filled
 by `cargo xtask setup`): the SmolLM2-135M GGUF and Pride and Prejudice. Without --method,
 --pipeline or --config, ppl uses the full cache. `compare` defaults to protocol A (prefill
-3072, score 1024, from \"It is a truth universally\") over every registered method.";
+3072, score 1024, from \"It is a truth universally\") over the full cache and one setting of
+each method family (`--methods all` runs every registered method at its defaults).";
 
 /// Parsed `--flag value` arguments (flags may repeat).
 struct Args {
@@ -469,11 +470,20 @@ fn cmd_compare(args: &Args) -> Result<()> {
     let prefill = args.usize("prefill")?.unwrap_or(3072);
     let score = args.usize("score")?.unwrap_or(1024);
     let protocol: Protocol = args.get("protocol").unwrap_or("a").parse()?;
-    let names: Vec<String> = match args.get("methods").unwrap_or("all") {
+    let names: Vec<String> = match args.get("methods").unwrap_or("default") {
         "all" => method::registry()
             .iter()
             .map(|e| e.name.to_owned())
             .collect(),
+        // One representative setting per family, sized to finish in minutes on 2 cores.
+        "default" => {
+            let reg = method::registry();
+            DEFAULT_COMPARE
+                .iter()
+                .filter(|s| reg.iter().any(|e| s.split(':').next() == Some(e.name)))
+                .map(|s| (*s).to_owned())
+                .collect()
+        }
         list => list.split(',').map(str::to_owned).collect(),
     };
     let specs: Vec<MethodSpec> = names
@@ -515,6 +525,19 @@ fn cmd_compare(args: &Args) -> Result<()> {
     println!("\nreference (HF transformers fp32, same model/text/protocol): full cache ppl 20.742");
     write_json(args, &reports)
 }
+
+/// What `compare` runs without `--methods`: the full cache and one representative setting of
+/// each method family (the registered ones among these).
+const DEFAULT_COMPARE: [&str; 8] = [
+    "full",
+    "snapkv:ratio=0.5",
+    "streaming_llm:ratio=0.5",
+    "expected_attention:ratio=0.5",
+    "pyramidkv:ratio=0.5",
+    "kivi:bits=4",
+    "kivi:bits=2",
+    "q4_0",
+];
 
 const METHOD_OPTS: [&str; 5] = ["method", "ratio", "param", "pipeline", "config"];
 

@@ -431,3 +431,205 @@ fn smollm2_keydiff_matches_kvpress() {
 fn smollm2_expected_attention_matches_kvpress() {
     smollm2_conformance("expected_attention");
 }
+
+/// A registry spec at ratio 0.5 with SnapKV's fixture parameters (window 32, kernel 5).
+fn snap_spec(name: &str) -> MethodSpec {
+    let mut s = MethodSpec::parse_stage(name).expect("spec");
+    for (k, v) in [("ratio", "0.5"), ("window", "32"), ("kernel", "5")] {
+        s.set_param(k, v).expect("param");
+    }
+    s
+}
+
+/// kvpress's `AdaKVPress.compress` over kvpress's own SnapKV scores of one layer (`heads * n`,
+/// row-major), written out independently of `kv_evict::AdaKvBudget`: protect the top
+/// `floor(n_kept * alpha)` of every head, then prune the `heads * (n - n_kept)` lowest over the
+/// layer. Returns the kept positions per head and the score at the cut (the highest pruned).
+fn kvpress_adakv(
+    scores: &[f32],
+    heads: usize,
+    n: usize,
+    ratio: f64,
+    alpha: f64,
+) -> (Vec<Vec<u32>>, f32) {
+    let n_kept = (n as f64 * (1.0 - ratio)) as usize;
+    let n_safe = (n_kept as f64 * alpha) as usize;
+    let mut flat: Vec<(f32, usize, usize)> = Vec::with_capacity(heads * n);
+    for h in 0..heads {
+        let s = &scores[h * n..(h + 1) * n];
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| s[b].total_cmp(&s[a]).then(a.cmp(&b)));
+        let mut v = s.to_vec();
+        for &j in &order[..n_safe] {
+            v[j] = f32::MAX;
+        }
+        flat.extend(v.iter().enumerate().map(|(j, &x)| (x, h, j)));
+    }
+    flat.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n_pruned = heads * (n - n_kept);
+    let cut = if n_pruned > 0 {
+        flat[n_pruned - 1].0
+    } else {
+        f32::MIN
+    };
+    let mut kept = vec![Vec::new(); heads];
+    for &(_, h, j) in &flat[n_pruned..] {
+        kept[h].push(j as u32);
+    }
+    kept.iter_mut().for_each(|k| k.sort_unstable());
+    (kept, cut)
+}
+
+/// Ada-KV over SnapKV: our registry's `adakv_snapkv` caches keep, per layer, exactly the
+/// tokens kvpress's AdaKVPress keeps given kvpress's own SnapKV scores (the fixture's), except
+/// for tokens whose score ties with the layer's cut; the layer total is exact.
+fn adakv_conformance(model: &Llama, fx: &Fixture, n: usize, what: &str) {
+    let layers = model.config().num_hidden_layers;
+    let shape = model.kv_shape(1).expect("shape");
+    let mut caches = build_caches(
+        &[snap_spec("adakv_snapkv")],
+        layers,
+        shape,
+        model.rope().config(),
+        model.device(),
+    )
+    .expect("caches");
+    prefill(model, &mut caches, &ids_of(fx)[..n]);
+    let heads = shape.kv_heads();
+    let (mut swaps, mut uneven) = (0, 0);
+    for (l, got) in kept(&caches).iter().enumerate() {
+        let scores = &fx.f32s[&format!("L{l}.scores")];
+        let (want, cut) = kvpress_adakv(scores, heads, n, 0.5, 0.2);
+        let total: usize = got.iter().map(Vec::len).sum();
+        assert_eq!(total, heads * (n / 2), "{what} layer {l}: layer total");
+        if want.iter().any(|w| w.len() != n / 2) {
+            uneven += 1;
+        }
+        for h in 0..heads {
+            if got[h] == want[h] {
+                continue;
+            }
+            let s = &scores[h * n..(h + 1) * n];
+            let diff: Vec<u32> = got[h]
+                .iter()
+                .filter(|p| !want[h].contains(p))
+                .chain(want[h].iter().filter(|p| !got[h].contains(p)))
+                .copied()
+                .collect();
+            for &p in &diff {
+                let sp = s[p as usize];
+                assert!(
+                    (sp - cut).abs() <= 1e-4 * cut.abs() + 1e-7,
+                    "{what} layer {l} head {h}: token {p} (kvpress score {sp}) differs from \
+                     kvpress's AdaKV selection and is not at the cut {cut}"
+                );
+            }
+            eprintln!("{what} layer {l} head {h}: tie at the cut {cut}: tokens {diff:?}");
+            swaps += diff.len();
+        }
+    }
+    assert!(
+        uneven > 0,
+        "{what}: Ada-KV should give some heads uneven budgets"
+    );
+    eprintln!(
+        "{what} adakv_snapkv: kept sets equal kvpress's AdaKV over kvpress's SnapKV scores \
+         ({swaps} tied tokens; {uneven} of {layers} layers with uneven head budgets)"
+    );
+}
+
+/// kvpress's `PyramidKVPress.get_layer_budget` (window inside the budget, Python's `round`),
+/// written out independently of `kv_evict::PyramidBudget`.
+fn kvpress_pyramid_budget(
+    n: usize,
+    window: usize,
+    ratio: f64,
+    layer: usize,
+    layers: usize,
+) -> usize {
+    let (q, w) = (n as f64, window as f64);
+    let mcp = w + q * (1.0 - ratio);
+    let mut min = (mcp - w) / 20.0;
+    let mut max = (mcp - w) * 2.0 - min;
+    if max >= q - w {
+        max = q - w;
+        min = (mcp - w) * 2.0 - max;
+    }
+    if !(q >= max && max >= min && min >= w) {
+        return (q * (1.0 - ratio)).round_ties_even() as usize;
+    }
+    let steps = (max - min) / (layers - 1) as f64;
+    (max - layer as f64 * steps).round_ties_even() as usize
+}
+
+/// PyramidKV over SnapKV: every layer keeps kvpress's pyramid budget (on these prompts the
+/// clamp `max = n - w` applies: tiny [64, 32], SmolLM2 352 down to 32), and each head keeps
+/// the top-budget tokens of kvpress's own SnapKV scores (the fixture's), up to ties at the
+/// budget's score.
+fn pyramid_conformance(model: &Llama, fx: &Fixture, n: usize, what: &str) {
+    let layers = model.config().num_hidden_layers;
+    let shape = model.kv_shape(1).expect("shape");
+    let mut caches = build_caches(
+        &[snap_spec("pyramidkv")],
+        layers,
+        shape,
+        model.rope().config(),
+        model.device(),
+    )
+    .expect("caches");
+    prefill(model, &mut caches, &ids_of(fx)[..n]);
+    let heads = shape.kv_heads();
+    let mut swaps = 0;
+    let mut budgets = Vec::with_capacity(layers);
+    for (l, got) in kept(&caches).iter().enumerate() {
+        let b = kvpress_pyramid_budget(n, 32, 0.5, l, layers);
+        budgets.push(b);
+        let scores = &fx.f32s[&format!("L{l}.scores")];
+        for h in 0..heads {
+            assert_eq!(got[h].len(), b, "{what} layer {l} head {h}: pyramid budget");
+            let s = &scores[h * n..(h + 1) * n];
+            let mut order: Vec<usize> = (0..n).collect();
+            order.sort_by(|&a, &c| s[c].total_cmp(&s[a]).then(a.cmp(&c)));
+            let kth = s[order[b - 1]];
+            let mut want: Vec<u32> = order[..b].iter().map(|&j| j as u32).collect();
+            want.sort_unstable();
+            for p in got[h]
+                .iter()
+                .filter(|p| !want.contains(p))
+                .chain(want.iter().filter(|p| !got[h].contains(p)))
+            {
+                let sp = s[*p as usize];
+                assert!(
+                    (sp - kth).abs() <= 1e-5 * kth.abs().max(1e-6),
+                    "{what} layer {l} head {h}: token {p} (kvpress score {sp}) is not a tie \
+                     with the budget's score {kth}"
+                );
+                swaps += 1;
+            }
+        }
+    }
+    assert!(budgets.windows(2).all(|w| w[0] >= w[1]) && budgets[0] > budgets[layers - 1]);
+    eprintln!("{what} pyramidkv: budgets {budgets:?}, kept sets equal ({swaps} tied tokens)");
+}
+
+#[test]
+fn tiny_adakv_and_pyramidkv_match_kvpress_allocation() {
+    let Some(model) = tiny() else { return };
+    let Some(path) = fixture("kvpress-tiny/press_snapkv.safetensors") else {
+        return;
+    };
+    let fx = read_fixture(&path);
+    adakv_conformance(&model, &fx, 96, "tiny");
+    pyramid_conformance(&model, &fx, 96, "tiny");
+}
+
+#[test]
+fn smollm2_adakv_and_pyramidkv_match_kvpress_allocation() {
+    let Some(path) = fixture("kvpress-smollm2-pp/press_snapkv.safetensors") else {
+        return;
+    };
+    let Some(model) = smollm2() else { return };
+    let fx = read_fixture(&path);
+    adakv_conformance(&model, &fx, 384, "smollm2");
+    pyramid_conformance(&model, &fx, 384, "smollm2");
+}

@@ -60,3 +60,53 @@ fn registry_names_are_unique() {
     names.dedup();
     assert_eq!(names.len(), reg.len());
 }
+
+/// The kv-evict budget methods and H2O build from the registry and reject bad parameters
+/// with the parameter's name.
+#[test]
+fn budget_methods_and_h2o_build_and_name_bad_params() {
+    use kv_core::{KvShape, RopeConfig, RopeConvention};
+    use kv_eval::method::build_caches;
+    let shape = KvShape::new(1, 2, 4, 8).expect("shape");
+    let rope = RopeConfig::new(8, 10_000.0, RopeConvention::RotateHalf);
+    let device = kv_testkit::test_device();
+    let build = |line: &str| {
+        build_caches(
+            &parse_pipeline(line).expect("parse"),
+            3,
+            shape,
+            &rope,
+            &device,
+        )
+    };
+    for ok in [
+        "pyramidkv:ratio=0.5,window=8,beta=10",
+        "adakv_snapkv:ratio=0.75,alpha_safeguard=0.5",
+        "adakv:scorer=knorm,ratio=0.5",
+        "adakv:scorer=expected_attention,n_sink=2",
+        "adakv",
+        "h2o:heavy=0.25,recent=64",
+        "h2o:heavy=16,recent=16,gqa=max",
+    ] {
+        let caches = build(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
+        assert_eq!(caches.len(), 3, "{ok}");
+    }
+    for (bad, param) in [
+        ("pyramidkv:beta=0.5", "beta"),
+        ("pyramidkv:beta=x", "beta"),
+        ("adakv_snapkv:alpha_safeguard=1.5", "alpha_safeguard"),
+        ("adakv:scorer=knorm,window=8", "param"),
+        ("adakv:scorer=nosuch", "method"),
+        ("h2o:heavy=1.5", "heavy"),
+        ("h2o:recent=abc", "recent"),
+        ("h2o:heavy=0,recent=0", "recent"),
+        ("h2o:gqa=median", "gqa"),
+        ("h2o:ratio=0.5", "ratio"),
+        ("adakv_snapkv:scorer=knorm", "scorer"),
+    ] {
+        match build(bad) {
+            Err(EvalError::BadParam { param: p, .. }) => assert_eq!(p, param, "{bad}"),
+            other => panic!("{bad}: expected a bad `{param}`, got {other:?}"),
+        }
+    }
+}

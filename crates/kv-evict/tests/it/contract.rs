@@ -66,3 +66,47 @@ kv_testkit::kv_cache_contract!(streaming_decode, |d: &Device| -> Box<dyn KvCache
             .expect("init"),
     )
 });
+kv_testkit::kv_cache_contract!(pyramidkv, |d: &Device| -> Box<dyn KvCache> {
+    let scorer = ScorerConfig::SnapKv {
+        window: 2,
+        kernel: 3,
+        gqa: GqaReduce::Mean,
+    };
+    let cfg = EvictConfig::new(shape(), 0.3, scorer)
+        .with_budget(kv_evict::BudgetKind::Pyramid { beta: 2.0 })
+        .with_layer(1, 3);
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(adakv_snapkv, |d: &Device| -> Box<dyn KvCache> {
+    let scorer = ScorerConfig::SnapKv {
+        window: 2,
+        kernel: 3,
+        gqa: GqaReduce::Mean,
+    };
+    let cfg = EvictConfig::new(shape(), 0.5, scorer).with_budget(kv_evict::BudgetKind::ADAKV);
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(adakv_knorm, |d: &Device| -> Box<dyn KvCache> {
+    let cfg = EvictConfig::new(shape(), 0.5, ScorerConfig::Knorm).with_budget(
+        kv_evict::BudgetKind::AdaKv {
+            alpha_safeguard: 0.0,
+        },
+    );
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(h2o_tokens, |d: &Device| -> Box<dyn KvCache> {
+    use kv_evict::TokenBudget::Tokens;
+    Box::new(
+        kv_evict::H2oConfig::new(shape(), Tokens(2), Tokens(3))
+            .init(d)
+            .expect("init"),
+    )
+});
+kv_testkit::kv_cache_contract!(h2o_fractions, |d: &Device| -> Box<dyn KvCache> {
+    use kv_evict::TokenBudget::Ratio;
+    Box::new(
+        kv_evict::H2oConfig::new(shape(), Ratio(0.2), Ratio(0.3))
+            .init(d)
+            .expect("init"),
+    )
+});

@@ -1,0 +1,92 @@
+//! Streamed attention over a cache that is decoded chunk by chunk: each chunk of keys and
+//! values is materialised in fp32, scored under the positional causal mask and merged into
+//! running softmax statistics (row max, row sum, weighted values), so that a quantized cache
+//! is never held in full precision at once. Shared by [`KiviCache`](crate::KiviCache) and
+//! [`BlockQuantCache`](crate::BlockQuantCache).
+
+use core::ops::Range;
+
+use burn::prelude::*;
+use kv_core::{PAD, Query};
+
+fn to_i32(p: u32) -> i32 {
+    i32::try_from(p).unwrap_or(i32::MAX - 1)
+}
+
+fn int_tensor(data: Vec<i32>, shape: [usize; 4], device: &Device) -> Tensor<4, Int> {
+    Tensor::<1, Int>::from_data(
+        TensorData::new(data, [shape.iter().product::<usize>()]),
+        device,
+    )
+    .reshape(shape)
+    .cast(burn::tensor::IntDType::I32)
+}
+
+/// Attention of `query` over `len` held tokens whose original positions are `positions`
+/// (one list per sequence, `len` entries each, [`PAD`] never attended).
+///
+/// `next_end(start)` gives the end of the chunk that starts at `start` (it must be greater
+/// than `start`); `fetch(range)` returns that chunk's keys and values in fp32,
+/// `[batch, kv_heads, range.len(), head_dim]`. The scale is `1/sqrt(head_dim)`. A query that
+/// sees no key gets a zero output, as in [`kv_core::reference_attention`].
+pub(crate) fn attend_streamed(
+    query: &Query,
+    kv_heads: usize,
+    len: usize,
+    positions: &[Vec<u32>],
+    mut next_end: impl FnMut(usize) -> usize,
+    mut fetch: impl FnMut(Range<usize>) -> (Tensor<4>, Tensor<4>),
+) -> Tensor<4> {
+    let q = query.tensor().clone();
+    let [b, qh, n, d] = q.dims();
+    let g = qh / kv_heads;
+    let rows = g * n;
+    let device = q.device();
+    let q = q
+        .reshape([b, kv_heads, rows, d])
+        .mul_scalar(1.0 / (d as f32).sqrt());
+    let mut qp = Vec::with_capacity(b * rows);
+    for bi in 0..b {
+        for _ in 0..g {
+            qp.extend(
+                query.positions()[bi * n..(bi + 1) * n]
+                    .iter()
+                    .map(|&p| if p == PAD { -1 } else { to_i32(p) }),
+            );
+        }
+    }
+    let qp = int_tensor(qp, [b, 1, rows, 1], &device);
+    let mut m = Tensor::<4>::full([b, kv_heads, rows, 1], f32::MIN, &device);
+    let mut l = Tensor::<4>::zeros([b, kv_heads, rows, 1], &device);
+    let mut acc = Tensor::<4>::zeros([b, kv_heads, rows, d], &device);
+    let mut start = 0;
+    while start < len {
+        let end = next_end(start).clamp(start + 1, len);
+        let c = end - start;
+        let (k, v) = fetch(start..end);
+        let mut kp = Vec::with_capacity(b * c);
+        for p in positions {
+            kp.extend(
+                p[start..end]
+                    .iter()
+                    .map(|&p| if p == PAD { i32::MAX } else { to_i32(p) }),
+            );
+        }
+        let kp = int_tensor(kp, [b, 1, 1, c], &device);
+        let shape = [b, kv_heads, rows, c];
+        let mask = kp.expand(shape).greater(qp.clone().expand(shape));
+        let scores = q
+            .clone()
+            .matmul(k.swap_dims(2, 3))
+            .mask_fill(mask, f32::NEG_INFINITY);
+        let m_new = m.clone().max_pair(scores.clone().max_dim(3));
+        let corr = (m - m_new.clone()).exp();
+        let p = (scores - m_new.clone()).exp();
+        l = l * corr.clone() + p.clone().sum_dim(3);
+        acc = acc * corr + p.matmul(v);
+        m = m_new;
+        start = end;
+    }
+    let out = acc / l.clamp_min(f32::MIN_POSITIVE);
+    out.reshape([b, kv_heads, g, n, d]).reshape([b, qh, n, d])
+}
