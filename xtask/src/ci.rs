@@ -10,6 +10,7 @@
 //! | test | `cargo nextest run --workspace` (or `cargo test --workspace` without nextest) |
 //! | doctest | `cargo test --workspace --doc` (nextest does not run doctests) |
 //! | bench-check | `cargo check -p kv-benches --all-targets` (debug; benches are never run in CI) |
+//! | check-real | `cargo xtask check-real`: HF's reference perplexities on the real model (when set up) |
 //! | wgpu-test | `KV_TEST_DEVICE=wgpu cargo nextest run -p kv-core --features kv-testkit/wgpu` |
 //! | cuda-check | `DOCS_RS=1 cargo check -p kv-core --features cuda` |
 //!
@@ -20,6 +21,10 @@
 //! in their own folders, `<target>/wgpu` and `<target>/cuda` (`<target>` is
 //! `$CARGO_TARGET_DIR` or `target/`), so that their feature sets do not churn the main build.
 //! `--skip-gpu` leaves them out.
+//!
+//! Every step gets the environment of the shell that started `cargo xtask`, less what
+//! `cargo run` adds for the xtask binary, so that running a step by hand and through xtask
+//! reuse the same build.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -62,6 +67,7 @@ pub(crate) fn ci(args: &[String]) -> Result<()> {
     let mut steps = vec![fmt(), clippy(), doc()];
     steps.extend(tests(nextest));
     steps.push(bench_check());
+    steps.push(check_real());
     if skip_gpu {
         steps.push(Step::skipped("wgpu-test", "--skip-gpu"));
         steps.push(Step::skipped("cuda-check", "--skip-gpu"));
@@ -179,6 +185,19 @@ fn bench_check() -> Step {
         "bench-check",
         &["check", "-p", "kv-benches", "--all-targets"],
     )
+}
+
+/// The real-model reference perplexities (`cargo xtask check-real`), when the assets are in
+/// place (`cargo xtask setup`; `.ci/run` runs it first).
+fn check_real() -> Step {
+    if crate::setup::assets_present() {
+        Step::cargo("check-real", &["xtask", "check-real"])
+    } else {
+        Step::skipped(
+            "check-real",
+            "the real model and text are missing: run cargo xtask setup",
+        )
+    }
 }
 
 /// The kv-core tests on wgpu, in `<target>/wgpu`, when a Vulkan driver is installed.
@@ -428,6 +447,26 @@ impl Workspace {
         Ok(())
     }
 
+    /// `LD_LIBRARY_PATH` without the folders `cargo run` put in front of it (the target
+    /// folder's and the toolchain's; empty when nothing else is left), or `None` when nothing
+    /// needs removing.
+    fn dylib_path_without_cargo_run(&self) -> Option<OsString> {
+        let current = std::env::var_os(DYLIB_PATH)?;
+        // `$CARGO` is `<toolchain>/bin/cargo`; the toolchain's libraries live below it.
+        let toolchain = std::env::var_os("CARGO")
+            .map(PathBuf::from)
+            .and_then(|c| Some(c.parent()?.parent()?.to_path_buf()));
+        let added = |p: &Path| {
+            p.starts_with(&self.target) || toolchain.as_deref().is_some_and(|t| p.starts_with(t))
+        };
+        let all: Vec<PathBuf> = std::env::split_paths(&current).collect();
+        let kept: Vec<&PathBuf> = all.iter().filter(|p| !added(p)).collect();
+        if kept.len() == all.len() {
+            return None;
+        }
+        std::env::join_paths(kept).ok()
+    }
+
     fn run_step(&self, step: &Step, index: usize, total: usize) -> Outcome {
         if let Some(why) = &step.skip {
             println!("\n==> [{index}/{total}] {}: skipped ({why})", step.name);
@@ -435,7 +474,20 @@ impl Workspace {
         }
         println!("\n==> [{index}/{total}] {}: {}", step.name, step.display());
         let started = Instant::now();
-        let status = Command::new("cargo")
+        let mut cmd = Command::new("cargo");
+        for key in inherited_run_env() {
+            cmd.env_remove(key);
+        }
+        match self.dylib_path_without_cargo_run() {
+            Some(path) if path.is_empty() => {
+                cmd.env_remove(DYLIB_PATH);
+            }
+            Some(path) => {
+                cmd.env(DYLIB_PATH, path);
+            }
+            None => {}
+        }
+        let status = cmd
             .args(&step.args)
             .envs(step.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.root)
@@ -456,6 +508,32 @@ impl Workspace {
             }
         }
     }
+}
+
+/// The variable `cargo run` extends with the target and toolchain library folders.
+const DYLIB_PATH: &str = "LD_LIBRARY_PATH";
+
+/// Variables `cargo run` sets for the xtask binary itself, which must not reach the cargo
+/// commands it starts: build scripts may track them (`ring` tracks `CARGO_MANIFEST_DIR`),
+/// and cargo then rebuilds them, and everything above them, whenever a step alternates
+/// between `cargo xtask` and a plain shell.
+fn inherited_run_env() -> Vec<OsString> {
+    const EXACT: [&str; 7] = [
+        "CARGO",
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            let k = k.to_string_lossy();
+            EXACT.contains(&k.as_ref()) || k.starts_with("CARGO_PKG_")
+        })
+        .collect()
 }
 
 /// `12.3s` or `4m 05s`.

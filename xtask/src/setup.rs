@@ -203,6 +203,14 @@ fn asset_dir() -> Result<PathBuf> {
     std::path::absolute(&dir).with_context(|| format!("resolving {}", dir.display()))
 }
 
+/// Whether every asset file exists with its expected size (a cheap test, no hashing).
+pub(crate) fn assets_present() -> bool {
+    let Ok(dir) = asset_dir() else { return false };
+    assets()
+        .iter()
+        .all(|a| std::fs::metadata(dir.join(&a.rel)).is_ok_and(|m| m.len() == a.size))
+}
+
 /// Verifies every asset and returns the relative paths of those missing or corrupt.
 fn missing_assets(dir: &Path) -> Result<Vec<String>> {
     let mut missing = Vec::new();
