@@ -84,3 +84,20 @@ pub fn assert_close_slices(a: &[f32], b: &[f32], atol: f32, rtol: f32) {
         b[worst.0]
     );
 }
+
+/// Environment variable that turns missing test data (shared fixtures, the real model and
+/// text) from a skip into a failure; `.ci/run` sets it, so CI cannot pass by skipping.
+pub const REQUIRE_DATA_ENV: &str = "KV_REQUIRE_TEST_DATA";
+
+/// Reports that a test's data is absent: prints a `skipped:` line, or panics when
+/// [`REQUIRE_DATA_ENV`] is `1`.
+///
+/// # Panics
+/// When [`REQUIRE_DATA_ENV`] is `1`.
+#[track_caller]
+pub fn missing_data(what: &str) {
+    if std::env::var(REQUIRE_DATA_ENV).as_deref() == Ok("1") {
+        panic!("required test data is missing ({REQUIRE_DATA_ENV}=1): {what}");
+    }
+    eprintln!("skipped: {what}");
+}

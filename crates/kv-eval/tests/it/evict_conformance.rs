@@ -30,7 +30,7 @@ fn fixture(rel: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!("skipped: fixture {} is absent", p.display());
+        kv_testkit::missing_data(&format!("fixture {} is absent", p.display()));
         None
     }
 }
@@ -366,10 +366,10 @@ fn smollm2() -> Option<Llama> {
     );
     let path = dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
     if !path.is_file() {
-        eprintln!(
-            "skipped: {} is absent; run cargo xtask setup",
+        kv_testkit::missing_data(&format!(
+            "{} is absent; run cargo xtask setup",
             path.display()
-        );
+        ));
         return None;
     }
     let loaded =

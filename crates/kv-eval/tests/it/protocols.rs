@@ -15,7 +15,7 @@ fn fixture(rel: &str) -> Option<PathBuf> {
     if p.is_file() {
         Some(p)
     } else {
-        eprintln!("skipped: fixture {} is absent", p.display());
+        kv_testkit::missing_data(&format!("fixture {} is absent", p.display()));
         None
     }
 }

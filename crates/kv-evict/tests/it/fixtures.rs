@@ -16,7 +16,7 @@ fn fixture(rel: &str) -> Option<Vec<u8>> {
     match std::fs::read(&p) {
         Ok(b) => Some(b),
         Err(_) => {
-            eprintln!("skipped: fixture {} is absent", p.display());
+            kv_testkit::missing_data(&format!("fixture {} is absent", p.display()));
             None
         }
     }

@@ -36,10 +36,10 @@ fn real_model_path() -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!(
-            "skipped: {} is absent; run cargo xtask setup",
+        kv_testkit::missing_data(&format!(
+            "{} is absent; run cargo xtask setup",
             path.display()
-        );
+        ));
         None
     }
 }
@@ -66,7 +66,7 @@ fn fixture_path(relative: &str) -> Option<PathBuf> {
     if path.is_file() {
         Some(path)
     } else {
-        eprintln!("skipped: fixture {} is absent", path.display());
+        kv_testkit::missing_data(&format!("fixture {} is absent", path.display()));
         None
     }
 }

@@ -43,10 +43,10 @@ fn book_text_encodes_to_the_fixture_ids() {
     };
     let path = assets_dir().join("text/prideprejudice.txt");
     let Ok(book) = std::fs::read_to_string(&path) else {
-        eprintln!(
-            "skipped: {} is absent; run cargo xtask setup",
+        kv_testkit::missing_data(&format!(
+            "{} is absent; run cargo xtask setup",
             path.display()
-        );
+        ));
         return;
     };
     // 512 tokens of this prose are about 2,300 bytes; cut well past them at a line end.
@@ -65,10 +65,10 @@ fn whole_book_round_trips() {
     let Some(t) = real_tokenizer() else { return };
     let path = assets_dir().join("text/prideprejudice.txt");
     let Ok(book) = std::fs::read_to_string(&path) else {
-        eprintln!(
-            "skipped: {} is absent; run cargo xtask setup",
+        kv_testkit::missing_data(&format!(
+            "{} is absent; run cargo xtask setup",
             path.display()
-        );
+        ));
         return;
     };
     let start = std::time::Instant::now();

@@ -29,7 +29,7 @@ fn fixtures() -> Option<PathBuf> {
     if dir.is_dir() {
         Some(dir)
     } else {
-        eprintln!("skipping: no fixtures at {}", dir.display());
+        kv_testkit::missing_data(&format!("no fixtures at {}", dir.display()));
         None
     }
 }
