@@ -493,27 +493,7 @@ fn cmd_compare(args: &Args) -> Result<()> {
     for s in &specs {
         method::lookup(s)?;
     }
-    let (loaded, mp, tp) = load(args)?;
-    let ids = token_ids(&loaded, &tp, Some(&start_at), false)?;
-    let mut reports = Vec::new();
-    for spec in specs {
-        let label = (
-            mp.display().to_string(),
-            tp.display().to_string(),
-            Some(start_at.clone()),
-            false,
-        );
-        reports.push(run_ppl(
-            &loaded,
-            &ids,
-            vec![spec],
-            protocol,
-            prefill,
-            score,
-            args.usize("windows")?,
-            label,
-        )?);
-    }
+    let (reports, mp, tp) = run_specs(args, specs, &start_at, protocol, prefill, score)?;
     let full = reports.iter().find(|r| r.method == "full").map(|r| r.ppl);
     let rows: Vec<Vec<String>> = reports.iter().map(|r| ppl_row(r, full)).collect();
     println!(
@@ -755,28 +735,7 @@ fn cmd_sweep(args: &Args) -> Result<()> {
             grid.push(MethodSpec::parse_stage(n)?);
         }
     }
-    let (loaded, mp, tp) = load(args)?;
-    let ids = token_ids(&loaded, &tp, Some(&start_at), false)?;
-    let mut reports = Vec::new();
-    for (i, spec) in grid.into_iter().enumerate() {
-        eprintln!("sweep {}: {}", i + 1, spec.to_stage_string());
-        let label = (
-            mp.display().to_string(),
-            tp.display().to_string(),
-            Some(start_at.clone()),
-            false,
-        );
-        reports.push(run_ppl(
-            &loaded,
-            &ids,
-            vec![spec],
-            protocol,
-            prefill,
-            score,
-            args.usize("windows")?,
-            label,
-        )?);
-    }
+    let (reports, _, _) = run_specs(args, grid, &start_at, protocol, prefill, score)?;
     let full = reports.first().map(|r| r.ppl);
     let rows: Vec<Vec<String>> = reports.iter().map(|r| ppl_row(r, full)).collect();
     let tbl = table(&PPL_HEADER, &rows);
@@ -825,4 +784,40 @@ fn cmd_sweep(args: &Args) -> Result<()> {
     write("sweep.json", json.as_bytes())?;
     eprintln!("wrote sweep.{{svg,png,md,json}} to {}", out.display());
     Ok(())
+}
+
+/// Loads the model and text once and runs `ppl` for each single-stage spec, in order.
+fn run_specs(
+    args: &Args,
+    specs: Vec<MethodSpec>,
+    start_at: &str,
+    protocol: Protocol,
+    prefill: usize,
+    score: usize,
+) -> Result<(Vec<PplReport>, PathBuf, PathBuf)> {
+    let (loaded, mp, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, Some(start_at), false)?;
+    let total = specs.len();
+    let mut reports = Vec::with_capacity(total);
+    for (i, spec) in specs.into_iter().enumerate() {
+        eprintln!("[{}/{total}] {}", i + 1, spec.to_stage_string());
+        let label = (
+            mp.display().to_string(),
+            tp.display().to_string(),
+            Some(start_at.to_owned()),
+            false,
+        );
+        let windows = args.usize("windows")?;
+        reports.push(run_ppl(
+            &loaded,
+            &ids,
+            vec![spec],
+            protocol,
+            prefill,
+            score,
+            windows,
+            label,
+        )?);
+    }
+    Ok((reports, mp, tp))
 }
