@@ -167,6 +167,20 @@ pub fn contiguous_positions(batch: usize, n: usize, start: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Per-sequence positions (one list per sequence, all of one length) repeated for each of
+/// `kv_heads` heads: the `batch * kv_heads * len` layout of [`KvView::positions`](crate::KvView::positions)
+/// for caches whose heads hold the same tokens.
+pub fn positions_per_head(per_sequence: &[Vec<u32>], kv_heads: usize) -> Vec<u32> {
+    let len = per_sequence.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(per_sequence.len() * kv_heads * len);
+    for seq in per_sequence {
+        for _ in 0..kv_heads {
+            out.extend_from_slice(seq);
+        }
+    }
+    out
+}
+
 /// Returns an error if the tensor holds NaN or infinity (one device reduction and a readback).
 pub(crate) fn check_finite<const D: usize>(
     t: &Tensor<D>,

@@ -1,5 +1,6 @@
 //! The full-precision dense cache: the uncompressed baseline and the shape of every oracle.
 
+use crate::block::positions_per_head;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
@@ -252,12 +253,7 @@ impl KvCache for DenseCache {
             let z = Tensor::zeros([s.batch(), s.kv_heads(), 0, s.head_dim()], &self.device);
             (z.clone(), z)
         });
-        let mut positions = Vec::with_capacity(s.streams() * self.len);
-        for b in 0..s.batch() {
-            for _ in 0..s.kv_heads() {
-                positions.extend_from_slice(&self.positions[b]);
-            }
-        }
+        let positions = positions_per_head(&self.positions, s.kv_heads());
         KvView {
             keys,
             values,

@@ -45,7 +45,7 @@ mod rope;
 mod shape;
 
 pub use attention::{AttentionStats, KeyPositions, StatsRequest, reference_attention};
-pub use block::{KvBlock, PAD, Query, contiguous_positions};
+pub use block::{KvBlock, PAD, Query, contiguous_positions, positions_per_head};
 pub use cache::{
     Attended, KeyRope, KvCache, KvView, Lengths, check_block, check_positions, check_query,
 };

@@ -24,6 +24,7 @@
 
 use burn::prelude::*;
 use burn::tensor::FloatDType;
+use kv_core::positions_per_head;
 use kv_core::{
     Attended, HeldBuffer, KeyPositions, KvBlock, KvCache, KvError, KvShape, KvView, Lengths,
     MemoryReport, PAD, Query, StatsRequest, StorageRole, check_block, check_positions, check_query,
@@ -411,12 +412,7 @@ impl KvCache for BlockQuantCache {
     fn view(&self) -> KvView {
         let s = self.config.shape;
         let (keys, values) = self.tokens_fp32(0..self.len);
-        let mut positions = Vec::with_capacity(s.streams() * self.len);
-        for b in 0..s.batch() {
-            for _ in 0..s.kv_heads() {
-                positions.extend_from_slice(&self.positions[b]);
-            }
-        }
+        let positions = positions_per_head(&self.positions, s.kv_heads());
         KvView {
             keys,
             values,

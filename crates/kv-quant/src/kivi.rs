@@ -37,6 +37,7 @@
 
 use burn::prelude::*;
 use burn::tensor::FloatDType;
+use kv_core::positions_per_head;
 use kv_core::{
     Attended, HeldBuffer, KeyPositions, KvBlock, KvCache, KvError, KvShape, KvView, Lengths,
     MemoryReport, PAD, Query, StatsRequest, StorageDtype, StorageRole, check_block,
@@ -634,12 +635,7 @@ impl KvCache for KiviCache {
             let z = Tensor::zeros([s.batch(), s.kv_heads(), 0, s.head_dim()], &self.device);
             (z.clone(), z)
         });
-        let mut positions = Vec::with_capacity(s.streams() * self.len);
-        for b in 0..s.batch() {
-            for _ in 0..s.kv_heads() {
-                positions.extend_from_slice(&self.positions[b]);
-            }
-        }
+        let positions = positions_per_head(&self.positions, s.kv_heads());
         KvView {
             keys,
             values,

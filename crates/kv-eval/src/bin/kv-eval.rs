@@ -265,13 +265,7 @@ fn run_ppl(
     label: (String, String, Option<String>, bool),
 ) -> Result<PplReport> {
     let model = &loaded.model;
-    let mut caches = method::build_caches(
-        &stages,
-        model.config().num_hidden_layers,
-        model.kv_shape(1)?,
-        model.rope().config(),
-        model.device(),
-    )?;
+    let mut caches = caches_for(loaded, &stages)?;
     let span = prefill + score;
     let starts: Vec<usize> = match protocol {
         Protocol::A | Protocol::Stream => vec![0],
@@ -391,13 +385,7 @@ fn cmd_kept(args: &Args) -> Result<()> {
         )));
     }
     let model = &loaded.model;
-    let mut caches = method::build_caches(
-        &stages,
-        model.config().num_hidden_layers,
-        model.kv_shape(1)?,
-        model.rope().config(),
-        model.device(),
-    )?;
+    let mut caches = caches_for(&loaded, &stages)?;
     let layers = kept_positions(model, &mut caches, &ids[..n], prefill)?;
     let rows: Vec<Vec<String>> = layers
         .iter()
@@ -438,13 +426,7 @@ fn cmd_forward(args: &Args) -> Result<()> {
         )));
     }
     let model = &loaded.model;
-    let mut caches = method::build_caches(
-        &[MethodSpec::full()],
-        model.config().num_hidden_layers,
-        model.kv_shape(1)?,
-        model.rope().config(),
-        model.device(),
-    )?;
+    let mut caches = caches_for(&loaded, &[MethodSpec::full()])?;
     let t = Instant::now();
     let nll = ppl::full_forward_nll(model, &mut caches, &ids[..n])?;
     let secs = t.elapsed().as_secs_f64();
