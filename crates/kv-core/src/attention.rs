@@ -83,6 +83,76 @@ pub fn reference_attention(
     scale: Option<f32>,
     stats: StatsRequest,
 ) -> (Tensor<4>, AttentionStats) {
+    let (out, stats, _) = attention_impl(q, k, v, q_pos, k_pos, scale, stats, false);
+    (out, stats)
+}
+
+/// [`reference_attention`] that also returns the log-sum-exp of every query row's scaled
+/// scores, `[batch, kv_heads, group, q_len]` (query head `h * group + j` is `[.., h, j, ..]`).
+///
+/// Two attentions of the same queries over disjoint key sets combine exactly with
+/// [`merge_attention`]; rows that see no key have a log-sum-exp of `f32::MIN` (standing for
+/// −∞: such a part gets weight zero in a merge, and a row that sees nothing in either part
+/// stays zero).
+///
+/// # Panics
+/// As [`reference_attention`].
+pub fn reference_attention_lse(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    q_pos: &[u32],
+    k_pos: KeyPositions<'_>,
+    scale: Option<f32>,
+) -> (Tensor<4>, Tensor<4>) {
+    let (out, _, lse) = attention_impl(q, k, v, q_pos, k_pos, scale, StatsRequest::NONE, true);
+    (
+        out,
+        lse.expect("attention_impl returns the log-sum-exp when asked"),
+    )
+}
+
+/// Combines two attention outputs of the same queries over disjoint key sets, each with its
+/// log-sum-exp (as [`reference_attention_lse`] returns them), into the attention over the
+/// union: `out = (e^{l1} o1 + e^{l2} o2) / (e^{l1} + e^{l2})`, computed stably. Returns the
+/// merged output and log-sum-exp.
+///
+/// # Shapes
+/// `o1`, `o2`: `[batch, q_heads, q_len, head_dim]`; `l1`, `l2`: `[batch, kv_heads, group,
+/// q_len]`.
+pub fn merge_attention(
+    o1: Tensor<4>,
+    l1: Tensor<4>,
+    o2: Tensor<4>,
+    l2: Tensor<4>,
+) -> (Tensor<4>, Tensor<4>) {
+    let [b, qh, n, _] = o1.dims();
+    let lse_dims = l1.dims();
+    let m = l1.clone().max_pair(l2.clone());
+    let w1 = (l1 - m.clone()).exp();
+    let w2 = (l2 - m.clone()).exp();
+    let total = w1.clone() + w2.clone();
+    let lse = m + total.clone().log();
+    let col = |w: Tensor<4>| (w / total.clone()).reshape([b, qh, n, 1]);
+    let out = o1 * col(w1) + o2 * col(w2);
+    debug_assert_eq!(lse.dims(), lse_dims);
+    (out, lse)
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the two public entry points share one body"
+)]
+fn attention_impl(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    q_pos: &[u32],
+    k_pos: KeyPositions<'_>,
+    scale: Option<f32>,
+    stats: StatsRequest,
+    want_lse: bool,
+) -> (Tensor<4>, AttentionStats, Option<Tensor<4>>) {
     let [b, qh, n, d] = q.dims();
     let [kb, kvh, t, kd] = k.dims();
     assert!(
@@ -103,7 +173,8 @@ pub fn reference_attention(
             column_sums: stats.column_sums.then(zeros),
             last_row: stats.last_row.then(zeros),
         };
-        return (q.zeros_like(), stats);
+        let lse = want_lse.then(|| Tensor::full([b, kvh, g, n], f32::MIN, &device));
+        return (q.zeros_like(), stats, lse);
     }
     let scale = scale.unwrap_or(1.0 / (d as f32).sqrt());
 
@@ -154,6 +225,7 @@ pub fn reference_attention(
     let mut outs = Vec::new();
     let mut col: Option<Tensor<4>> = None;
     let mut last: Option<Tensor<4>> = None;
+    let mut lses = Vec::new();
     let mut start = 0;
     while start < n {
         let rows = QUERY_CHUNK.min(n - start);
@@ -195,8 +267,13 @@ pub fn reference_attention(
         let scores = scores.mask_fill(mask.clone(), f32::NEG_INFINITY);
         // A row that sees no key has max -inf; clamping keeps exp(-inf - MIN) = 0, no NaN.
         let m = scores.clone().max_dim(3).clamp_min(f32::MIN);
-        let e = (scores - m).exp();
+        let e = (scores - m.clone()).exp();
         let denom = e.clone().sum_dim(3).clamp_min(f32::MIN_POSITIVE);
+        if want_lse {
+            // A row that sees nothing: max f32::MIN, ln(MIN_POSITIVE) ≈ -87 -> clamp to MIN.
+            let l = (m.clone() + denom.clone().log()).clamp_min(f32::MIN);
+            lses.push(l.reshape([b, kvh, g, rows]));
+        }
         let p = e / denom;
         outs.push(p.clone().matmul(vc).reshape([b, kvh, g, rows, d]));
         let widen = |x: Tensor<4>| {
@@ -228,12 +305,14 @@ pub fn reference_attention(
         start += rows;
     }
     let out = Tensor::cat(outs, 3).reshape([b, qh, n, d]);
+    let lse = want_lse.then(|| Tensor::cat(lses, 3));
     (
         out,
         AttentionStats {
             column_sums: col,
             last_row: last,
         },
+        lse,
     )
 }
 

@@ -4,7 +4,9 @@ use core::fmt::Debug;
 
 use burn::prelude::*;
 
-use crate::attention::{AttentionStats, KeyPositions, StatsRequest, reference_attention};
+use crate::attention::{
+    AttentionStats, KeyPositions, StatsRequest, reference_attention, reference_attention_lse,
+};
 use crate::block::{KvBlock, Query, check_finite};
 use crate::memory::{HeldBuffer, MemoryReport};
 use crate::shape::KvShape;
@@ -85,6 +87,18 @@ impl KvView {
         );
         Attended { output, stats }
     }
+
+    /// Runs [`reference_attention_lse`] over this view: output and log-sum-exp.
+    pub fn attend_reference_lse(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        reference_attention_lse(
+            query.tensor().clone(),
+            self.keys.clone(),
+            self.values.clone(),
+            query.positions(),
+            KeyPositions::PerHead(&self.positions),
+            None,
+        )
+    }
 }
 
 /// One attention layer's KV store.
@@ -127,6 +141,21 @@ pub trait KvCache: Send + Debug {
     /// Method-specific (for example a budget that cannot be met).
     fn end_prefill(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// Attention of `query` over the held tokens together with the log-sum-exp of each query
+    /// row's scaled scores (`[batch, kv_heads, group, q_len]`, `f32::MIN` for rows that see
+    /// nothing), so that attention over several caches holding disjoint tokens can be merged
+    /// exactly with [`merge_attention`](crate::merge_attention).
+    ///
+    /// The default runs [`reference_attention_lse`](crate::reference_attention_lse) over
+    /// [`view`](KvCache::view), which materialises the cache; caches with a streamed path
+    /// override it.
+    ///
+    /// # Errors
+    /// Shape and finiteness problems of the query; the cache is unchanged.
+    fn attend_lse(&mut self, query: &Query) -> Result<(Tensor<4>, Tensor<4>)> {
+        check_query(&self.shape(), query, "KvCache::attend_lse")?;
+        Ok(self.view().attend_reference_lse(query))
     }
     /// A dense view of what is held (post-RoPE keys).
     fn view(&self) -> KvView;

@@ -44,7 +44,10 @@ mod ragged;
 mod rope;
 mod shape;
 
-pub use attention::{AttentionStats, KeyPositions, StatsRequest, reference_attention};
+pub use attention::{
+    AttentionStats, KeyPositions, StatsRequest, merge_attention, reference_attention,
+    reference_attention_lse,
+};
 pub use block::{KvBlock, PAD, Query, contiguous_positions, positions_per_head};
 pub use cache::{
     Attended, KeyRope, KvCache, KvView, Lengths, check_block, check_positions, check_query,

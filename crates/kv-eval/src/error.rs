@@ -45,6 +45,9 @@ pub enum EvalError {
     /// A cache rejected data or a config.
     #[error(transparent)]
     Cache(#[from] kv_core::KvError),
+    /// A method or pipeline is unknown, badly configured or cannot be stacked.
+    #[error(transparent)]
+    Compose(#[from] kv_compose::ComposeError),
 }
 
 /// `Result` with [`EvalError`].

@@ -4,7 +4,7 @@ use kv_core::LayerCaches;
 use kv_model::Llama;
 use serde::{Deserialize, Serialize};
 
-use crate::method::MethodSpec;
+use crate::method::PipelineSpec;
 use crate::{EvalError, Result};
 
 /// The result of `kv-eval kept`: per layer and KV head, the original positions held by
@@ -15,8 +15,8 @@ pub struct KeptReport {
     pub layers: Vec<Vec<Vec<u32>>>,
     /// The method or pipeline in its one-line form.
     pub method: String,
-    /// The stages with their parameters.
-    pub stages: Vec<MethodSpec>,
+    /// The pipeline with every parameter.
+    pub stages: PipelineSpec,
     /// Tokens taken from the text.
     pub tokens: usize,
     /// Tokens prefilled with the method active.

@@ -3,7 +3,7 @@
 use kv_core::MemoryReport;
 use serde::{Deserialize, Serialize};
 
-use crate::method::MethodSpec;
+use crate::method::{MethodSpec, PipelineSpec};
 use crate::ppl::{Protocol, WindowResult};
 
 /// The result of `kv-eval ppl` (documented field by field in `docs/eval-cli.md`).
@@ -31,6 +31,9 @@ pub struct PplReport {
     pub method: String,
     /// The stages with all their parameters.
     pub stages: Vec<MethodSpec>,
+    /// The codec of the evicted tokens, for pipelines that keep them at low precision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub evicted: Option<MethodSpec>,
     /// The protocol.
     pub protocol: Protocol,
     /// Prefill tokens per window.
@@ -70,7 +73,7 @@ impl PplReport {
     )]
     pub fn from_windows(
         windows: Vec<WindowResult>,
-        stages: Vec<MethodSpec>,
+        pipeline: PipelineSpec,
         protocol: Protocol,
         prefill: usize,
         score: usize,
@@ -96,16 +99,13 @@ impl PplReport {
             bits_per_element: m.bits_per_element(),
             prefill_tokens_per_s: windows.iter().map(|w| w.prefill_tokens_per_s).sum::<f64>() / n,
             decode_tokens_per_s: windows.iter().map(|w| w.decode_tokens_per_s).sum::<f64>() / n,
-            method: stages
-                .iter()
-                .map(MethodSpec::to_stage_string)
-                .collect::<Vec<_>>()
-                .join("|"),
+            method: pipeline.to_line(),
             memory_after_prefill: m,
             memory_at_end: last.memory_at_end,
             window_ppl_mean: mean,
             window_ppl_std: var.sqrt(),
-            stages,
+            stages: pipeline.stages,
+            evicted: pipeline.evicted,
             protocol,
             prefill,
             score,

@@ -186,3 +186,62 @@ fn scale_argument_is_used() {
     assert_close_slices(&to_vec(&out), &[0.5, 0.5], 1e-7, 0.0);
     let _: Tensor<4> = Tensor::zeros([1, 1, 1, 1], &d);
 }
+
+#[test]
+fn log_sum_exp_of_hand_computed_case() {
+    // Scores [1/sqrt2, 0] -> lse = ln(e^a + 1) with a = 1/sqrt2; a query seeing nothing: MIN.
+    let d = test_device();
+    let q = tensor_from(vec![1.0, 0.0, 1.0, 0.0], [1, 1, 2, 2], &d);
+    let k = tensor_from(vec![1.0, 0.0, 0.0, 1.0], [1, 1, 2, 2], &d);
+    let v = tensor_from(vec![1.0, 2.0, 3.0, 4.0], [1, 1, 2, 2], &d);
+    let (_, lse) = kv_core::reference_attention_lse(
+        q,
+        k,
+        v,
+        &[1, PAD],
+        KeyPositions::PerSequence(&[0, 1]),
+        None,
+    );
+    assert_eq!(lse.dims(), [1, 1, 1, 2]);
+    let got = to_vec(&lse);
+    let a = 1.0f64 / 2f64.sqrt();
+    assert_close_slices(&got[..1], &[(a.exp() + 1.0).ln() as f32], 1e-6, 1e-6);
+    assert_eq!(got[1], f32::MIN);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// Attention over a key set split in two, merged by log-sum-exp, equals attention over
+    /// the whole set (GQA, causal positions, a part that some rows cannot see).
+    #[test]
+    fn merged_parts_equal_whole(seed in 0u64..1000, split in 1usize..7, n in 1usize..4) {
+        let d = test_device();
+        let (b, qh, kvh, t, hd) = (2, 4, 2, 7, 8);
+        let q = seeded_tensor([b, qh, n, hd], seed, 1.0, &d);
+        let k = seeded_tensor([b, kvh, t, hd], seed + 1, 1.0, &d);
+        let v = seeded_tensor([b, kvh, t, hd], seed + 2, 1.0, &d);
+        let kp = contiguous_positions(b, t, 0);
+        // Queries at positions 2.. so the later part is partly invisible.
+        let qp: Vec<u32> = (0..b).flat_map(|_| (0..n as u32).map(|i| i + 2)).collect();
+        let (whole, whole_lse) = kv_core::reference_attention_lse(
+            q.clone(), k.clone(), v.clone(), &qp, KeyPositions::PerSequence(&kp), None,
+        );
+        let part = |r: core::ops::Range<usize>| {
+            let pos: Vec<u32> = (0..b).flat_map(|_| r.clone().map(|i| i as u32)).collect();
+            kv_core::reference_attention_lse(
+                q.clone(),
+                k.clone().slice([0..b, 0..kvh, r.clone(), 0..hd]),
+                v.clone().slice([0..b, 0..kvh, r.clone(), 0..hd]),
+                &qp,
+                KeyPositions::PerSequence(&pos),
+                None,
+            )
+        };
+        let (o1, l1) = part(0..split);
+        let (o2, l2) = part(split..t);
+        let (merged, lse) = kv_core::merge_attention(o1, l1, o2, l2);
+        assert_close_slices(&to_vec(&merged), &to_vec(&whole), 1e-5, 1e-4);
+        assert_close_slices(&to_vec(&lse), &to_vec(&whole_lse), 1e-5, 1e-5);
+    }
+}

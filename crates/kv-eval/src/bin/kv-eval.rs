@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use kv_eval::assets::{self, LoadedModel};
 use kv_eval::kept::{KeptReport, kept_positions};
-use kv_eval::method::{self, MethodSpec, parse_pipeline};
+use kv_eval::method::{self, MethodSpec, PipelineSpec};
 use kv_eval::plot::{Plot, Series};
 use kv_eval::ppl::{self, Protocol};
 use kv_eval::report::{PPL_HEADER, PplReport, ppl_row, table};
@@ -190,7 +190,7 @@ fn token_ids(
     Ok(ids)
 }
 
-fn stages(args: &Args) -> Result<Vec<MethodSpec>> {
+fn stages(args: &Args) -> Result<PipelineSpec> {
     let given = ["method", "pipeline", "config"]
         .iter()
         .filter(|k| args.get(k).is_some())
@@ -200,45 +200,30 @@ fn stages(args: &Args) -> Result<Vec<MethodSpec>> {
             "give one of --method, --pipeline, --config".into(),
         ));
     }
-    if let Some(p) = args.get("pipeline") {
-        return parse_pipeline(p);
-    }
-    if let Some(path) = args.get("config") {
-        let s = std::fs::read_to_string(path).map_err(|e| EvalError::Io {
-            path: path.into(),
-            source: e,
-        })?;
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Config {
-            version: u32,
-            stages: Vec<MethodSpec>,
+    let spec = if let Some(p) = args.get("pipeline") {
+        PipelineSpec::parse_line(p)?
+    } else if let Some(path) = args.get("config") {
+        PipelineSpec::from_path(std::path::Path::new(path))?
+    } else {
+        let mut spec = MethodSpec::new(args.get("method").unwrap_or("full"));
+        if let Some(r) = args.get("ratio") {
+            spec.set_param("ratio", r)?;
         }
-        let c: Config = serde_json::from_str(&s)
-            .map_err(|e| EvalError::Usage(format!("config {path}: {e}")))?;
-        if c.version != 1 {
-            return Err(EvalError::Usage(format!(
-                "config {path}: version {} is not supported (1)",
-                c.version
-            )));
+        for p in args.all("param") {
+            let (k, v) = p
+                .split_once('=')
+                .ok_or_else(|| EvalError::Usage(format!("--param `{p}` is not key=value")))?;
+            spec.set_param(k, v)?;
         }
-        return Ok(c.stages);
-    }
-    let mut spec = MethodSpec {
-        name: args.get("method").unwrap_or("full").to_owned(),
-        ratio: None,
-        params: BTreeMap::new(),
+        // `--method` also takes a one-line pipeline.
+        if spec.params.is_empty() && spec.ratio.is_none() && spec.name.contains(['|', ':']) {
+            PipelineSpec::parse_line(&spec.name)?
+        } else {
+            PipelineSpec::single(spec)
+        }
     };
-    if let Some(r) = args.get("ratio") {
-        spec.set_param("ratio", r)?;
-    }
-    for p in args.all("param") {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| EvalError::Usage(format!("--param `{p}` is not key=value")))?;
-        spec.set_param(k, v)?;
-    }
-    Ok(vec![spec])
+    method::plan(&spec)?;
+    Ok(spec)
 }
 
 fn write_json<T: serde::Serialize>(args: &Args, value: &T) -> Result<()> {
@@ -257,7 +242,7 @@ fn write_json<T: serde::Serialize>(args: &Args, value: &T) -> Result<()> {
 fn run_ppl(
     loaded: &LoadedModel,
     ids: &[u32],
-    stages: Vec<MethodSpec>,
+    stages: PipelineSpec,
     protocol: Protocol,
     prefill: usize,
     score: usize,
@@ -317,12 +302,8 @@ fn run_ppl(
     ))
 }
 
-fn stages_line(stages: &[MethodSpec]) -> String {
-    stages
-        .iter()
-        .map(MethodSpec::to_stage_string)
-        .collect::<Vec<_>>()
-        .join("|")
+fn stages_line(stages: &PipelineSpec) -> String {
+    stages.to_line()
 }
 
 fn cmd_ppl(args: &Args) -> Result<()> {
@@ -333,9 +314,6 @@ fn cmd_ppl(args: &Args) -> Result<()> {
     ]);
     args.check_known(&known)?;
     let stages = stages(args)?;
-    for s in &stages {
-        method::lookup(s)?;
-    }
     let protocol: Protocol = args.get("protocol").unwrap_or("a").parse()?;
     let (prefill, score) = (args.need_usize("prefill")?, args.need_usize("score")?);
     let (loaded, mp, tp) = load(args)?;
@@ -426,7 +404,7 @@ fn cmd_forward(args: &Args) -> Result<()> {
         )));
     }
     let model = &loaded.model;
-    let mut caches = caches_for(&loaded, &[MethodSpec::full()])?;
+    let mut caches = caches_for(&loaded, &PipelineSpec::single(MethodSpec::full()))?;
     let t = Instant::now();
     let nll = ppl::full_forward_nll(model, &mut caches, &ids[..n])?;
     let secs = t.elapsed().as_secs_f64();
@@ -466,14 +444,14 @@ fn cmd_compare(args: &Args) -> Result<()> {
                 .map(|s| (*s).to_owned())
                 .collect()
         }
-        list => list.split(',').map(str::to_owned).collect(),
+        list => method_list(list),
     };
-    let specs: Vec<MethodSpec> = names
+    let specs: Vec<PipelineSpec> = names
         .iter()
-        .map(|n| MethodSpec::parse_stage(n))
-        .collect::<Result<_>>()?;
+        .map(|n| PipelineSpec::parse_line(n))
+        .collect::<Result<_, _>>()?;
     for s in &specs {
-        method::lookup(s)?;
+        method::plan(s)?;
     }
     let (reports, mp, tp) = run_specs(args, specs, &start_at, protocol, prefill, score)?;
     let full = reports.iter().find(|r| r.method == "full").map(|r| r.ppl);
@@ -515,7 +493,18 @@ fn list<T: std::str::FromStr>(args: &Args, key: &str, default: &str) -> Result<V
         .collect()
 }
 
-fn caches_for(loaded: &LoadedModel, stages: &[MethodSpec]) -> Result<kv_core::LayerCaches> {
+/// Splits a `--methods` list: on `;` when it has one (stages then may carry several
+/// `k=v,k=v` parameters), else on `,`.
+fn method_list(list: &str) -> Vec<String> {
+    let sep = if list.contains(';') { ';' } else { ',' };
+    list.split(sep)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn caches_for(loaded: &LoadedModel, stages: &PipelineSpec) -> Result<kv_core::LayerCaches> {
     let m = &loaded.model;
     method::build_caches(
         stages,
@@ -698,23 +687,26 @@ fn cmd_sweep(args: &Args) -> Result<()> {
     let reg = method::registry();
     let names: Vec<String> = match args.get("methods").unwrap_or("all") {
         "all" => reg.iter().map(|e| e.name.to_owned()).collect(),
-        l => l.split(',').map(str::to_owned).collect(),
+        l => method_list(l),
     };
     // Every method at every ratio it takes; methods without a ratio once. `full` always runs.
-    let mut grid: Vec<MethodSpec> = vec![MethodSpec::full()];
+    let mut grid: Vec<PipelineSpec> = vec![PipelineSpec::single(MethodSpec::full())];
     for n in &names {
-        let entry = method::lookup(&MethodSpec::parse_stage(n)?)?;
-        if entry.name == "full" {
+        let p = PipelineSpec::parse_line(n)?;
+        method::plan(&p)?;
+        let first = &p.stages[0];
+        if first.name == "full" && p.stages.len() == 1 {
             continue;
         }
-        if entry.takes_ratio {
+        // The ratio sweeps the first stage (the selection of a pipeline) unless it is given.
+        if method::lookup(first)?.takes_ratio && first.ratio.is_none() {
             for &r in &ratios {
-                let mut s = MethodSpec::parse_stage(n)?;
-                s.set_param("ratio", &r.to_string())?;
-                grid.push(s);
+                let mut q = p.clone();
+                q.stages[0].set_param("ratio", &r.to_string())?;
+                grid.push(q);
             }
         } else {
-            grid.push(MethodSpec::parse_stage(n)?);
+            grid.push(p);
         }
     }
     let (reports, _, _) = run_specs(args, grid, &start_at, protocol, prefill, score)?;
@@ -725,10 +717,15 @@ fn cmd_sweep(args: &Args) -> Result<()> {
     // One series per method name, points ordered by stored bytes.
     let mut series: Vec<Series> = Vec::new();
     for r in reports.iter().skip(1) {
-        let name = r
-            .stages
-            .first()
-            .map_or_else(String::new, |s| s.name.clone());
+        // A series per method, or per pipeline with the ratio taken out.
+        let name = {
+            let mut p = PipelineSpec::new(r.stages.clone());
+            p.evicted = r.evicted.clone();
+            if let Some(s) = p.stages.first_mut() {
+                s.ratio = None;
+            }
+            p.to_line()
+        };
         let p = (r.stored_bytes as f64 / (1024.0 * 1024.0), r.ppl);
         match series.iter_mut().find(|s| s.name == name) {
             Some(s) => s.points.push(p),
@@ -771,7 +768,7 @@ fn cmd_sweep(args: &Args) -> Result<()> {
 /// Loads the model and text once and runs `ppl` for each single-stage spec, in order.
 fn run_specs(
     args: &Args,
-    specs: Vec<MethodSpec>,
+    specs: Vec<PipelineSpec>,
     start_at: &str,
     protocol: Protocol,
     prefill: usize,
@@ -782,7 +779,7 @@ fn run_specs(
     let total = specs.len();
     let mut reports = Vec::with_capacity(total);
     for (i, spec) in specs.into_iter().enumerate() {
-        eprintln!("[{}/{total}] {}", i + 1, spec.to_stage_string());
+        eprintln!("[{}/{total}] {}", i + 1, spec.to_line());
         let label = (
             mp.display().to_string(),
             tp.display().to_string(),
@@ -791,14 +788,7 @@ fn run_specs(
         );
         let windows = args.usize("windows")?;
         reports.push(run_ppl(
-            &loaded,
-            &ids,
-            vec![spec],
-            protocol,
-            prefill,
-            score,
-            windows,
-            label,
+            &loaded, &ids, spec, protocol, prefill, score, windows, label,
         )?);
     }
     Ok((reports, mp, tp))

@@ -314,7 +314,7 @@ fn tiny_conformance(name: &str) {
     let layers = model.config().num_hidden_layers;
     // Through the harness's registry, as `kv-eval` builds it.
     let mut caches = build_caches(
-        &[spec(p)],
+        &kv_eval::method::PipelineSpec::single(spec(p)),
         layers,
         model.kv_shape(1).expect("shape"),
         model.rope().config(),
@@ -388,7 +388,7 @@ fn smollm2_conformance(name: &str) {
     // The registry accepts the spec (the prefill below uses identically built caches whose
     // scores can be read back).
     build_caches(
-        &[spec(p)],
+        &kv_eval::method::PipelineSpec::single(spec(p)),
         model.config().num_hidden_layers,
         model.kv_shape(1).expect("shape"),
         model.rope().config(),
@@ -487,7 +487,7 @@ fn adakv_conformance(model: &Llama, fx: &Fixture, n: usize, what: &str) {
     let layers = model.config().num_hidden_layers;
     let shape = model.kv_shape(1).expect("shape");
     let mut caches = build_caches(
-        &[snap_spec("adakv_snapkv")],
+        &kv_eval::method::PipelineSpec::single(snap_spec("adakv_snapkv")),
         layers,
         shape,
         model.rope().config(),
@@ -570,7 +570,7 @@ fn pyramid_conformance(model: &Llama, fx: &Fixture, n: usize, what: &str) {
     let layers = model.config().num_hidden_layers;
     let shape = model.kv_shape(1).expect("shape");
     let mut caches = build_caches(
-        &[snap_spec("pyramidkv")],
+        &kv_eval::method::PipelineSpec::single(snap_spec("pyramidkv")),
         layers,
         shape,
         model.rope().config(),

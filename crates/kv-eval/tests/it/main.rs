@@ -4,4 +4,3 @@
 mod evict_conformance;
 mod plot;
 mod protocols;
-mod specs;

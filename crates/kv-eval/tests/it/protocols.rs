@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use kv_eval::kept::kept_positions;
-use kv_eval::method::{MethodSpec, build_caches};
+use kv_eval::method::{MethodSpec, PipelineSpec, build_caches};
 use kv_eval::ppl::{full_forward_nll, run_window};
 use kv_model::safetensors_io::load_safetensors_f32;
 use kv_model::{HostWeights, Llama, LlamaConfig};
@@ -36,7 +36,7 @@ fn ids() -> Vec<u32> {
 #[test]
 fn protocols_agree_for_the_full_cache() {
     let Some(model) = tiny() else { return };
-    let stages = [MethodSpec::full()];
+    let stages = PipelineSpec::single(MethodSpec::full());
     let mut caches = build_caches(
         &stages,
         2,
@@ -73,7 +73,7 @@ fn protocols_agree_for_the_full_cache() {
 fn kept_positions_of_the_full_cache_are_everything() {
     let Some(model) = tiny() else { return };
     let mut caches = build_caches(
-        &[MethodSpec::full()],
+        &PipelineSpec::single(MethodSpec::full()),
         2,
         model.kv_shape(1).expect("shape"),
         model.rope().config(),
@@ -95,7 +95,7 @@ fn too_short_texts_and_multi_stage_pipelines_are_errors() {
     let Some(model) = tiny() else { return };
     let shape = model.kv_shape(1).expect("shape");
     let mut caches = build_caches(
-        &[MethodSpec::full()],
+        &PipelineSpec::single(MethodSpec::full()),
         2,
         shape,
         model.rope().config(),
@@ -103,6 +103,6 @@ fn too_short_texts_and_multi_stage_pipelines_are_errors() {
     )
     .expect("caches");
     assert!(run_window(&model, &mut caches, &ids()[..10], 8, 8, false, 0).is_err());
-    let two = [MethodSpec::full(), MethodSpec::full()];
+    let two = PipelineSpec::new(vec![MethodSpec::full(), MethodSpec::full()]);
     assert!(build_caches(&two, 2, shape, model.rope().config(), model.device()).is_err());
 }

@@ -1,0 +1,471 @@
+//! The method registry: every method by name, with the role it can play in a pipeline and
+//! the function that builds it for one layer.
+
+use burn::prelude::*;
+use kv_core::{DenseCacheConfig, KvCache, KvShape, RopeConfig, StorageDtype};
+
+use crate::spec::{MethodSpec, PipelineSpec, relocate};
+use crate::{ComposeError, Result};
+
+/// What a builder gets to build one layer's cache.
+#[derive(Debug, Clone)]
+pub struct LayerContext {
+    /// Layer index.
+    pub layer: usize,
+    /// Number of layers of the model.
+    pub num_layers: usize,
+    /// The cache shape the builder must use (the layer's shape, or one stream's shape when a
+    /// pipeline stores each (sequence, KV head) stream in its own codec).
+    pub shape: KvShape,
+    /// The device.
+    pub device: Device,
+    /// The model's RoPE (for caches that store pre-RoPE keys or un-rotate queries).
+    pub rope: RopeConfig,
+}
+
+/// Builds one layer's cache for a spec.
+pub type CacheFn = fn(&MethodSpec, &LayerContext) -> Result<Box<dyn KvCache>>;
+/// Builds one layer's prefill selection for a spec.
+pub type SelectFn = fn(&MethodSpec, &LayerContext) -> Result<kv_evict::EvictConfig>;
+/// Expands a named pipeline from a paper into its stages.
+pub type PresetFn = fn(&MethodSpec) -> Result<PipelineSpec>;
+
+/// The role a method plays, which decides where it may stand in a pipeline.
+#[derive(Debug, Clone, Copy)]
+pub enum Builder {
+    /// Holds tokens (the full cache, fp16, KIVI, block formats): the last stage of a pipeline,
+    /// or the `evicted` tier.
+    Codec(CacheFn),
+    /// Scores the prompt's tokens from unquantized keys and prefill attention and evicts once
+    /// at the end of prefill (the kvpress scorers, PyramidKV, Ada-KV): the first stage.
+    Selection(SelectFn),
+    /// Evicts while decoding from storage it owns (H2O, StreamingLLM's rolling cache): alone.
+    Policy(CacheFn),
+    /// A pipeline from a paper (MiniKV, MiKV, LeanKV) that expands into stages: alone.
+    Preset(PresetFn),
+}
+
+impl Builder {
+    /// The role's name as error messages use it.
+    pub fn role(&self) -> &'static str {
+        match self {
+            Builder::Codec(_) => "codec",
+            Builder::Selection(_) => "selection",
+            Builder::Policy(_) => "decode-time policy",
+            Builder::Preset(_) => "preset pipeline",
+        }
+    }
+}
+
+/// A registered method.
+#[derive(Debug, Clone)]
+pub struct MethodEntry {
+    /// The name users write.
+    pub name: &'static str,
+    /// One line on what it is.
+    pub summary: &'static str,
+    /// Parameter names it accepts (besides `ratio` when `takes_ratio`).
+    pub params: &'static [&'static str],
+    /// Whether it takes a ratio.
+    pub takes_ratio: bool,
+    /// Its role and builder.
+    pub builder: Builder,
+}
+
+impl MethodEntry {
+    /// Builds this method alone as one layer's cache (a selection over fp32 ragged storage, a
+    /// codec, a policy). A preset is expanded and built as a pipeline.
+    ///
+    /// # Errors
+    /// Bad parameters or configs.
+    pub fn build_alone(&self, spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+        match self.builder {
+            Builder::Codec(f) | Builder::Policy(f) => f(spec, cx),
+            Builder::Selection(f) => {
+                let cfg = f(spec, cx)?;
+                Ok(Box::new(cfg.init(&cx.device).map_err(bad_param(spec))?))
+            }
+            Builder::Preset(f) => crate::build::build_layer(&f(spec)?, cx),
+        }
+    }
+}
+
+/// Every registered method. Technique crates add their methods here as they land.
+pub fn registry() -> Vec<MethodEntry> {
+    vec![
+        MethodEntry {
+            name: "full",
+            summary: "uncompressed dense cache, fp32 storage (what the model computes with)",
+            params: &[],
+            takes_ratio: false,
+            builder: Builder::Codec(|_, cx| {
+                Ok(Box::new(DenseCacheConfig::new(cx.shape).init(&cx.device)?) as Box<dyn KvCache>)
+            }),
+        },
+        MethodEntry {
+            name: "dense_fp16",
+            summary: "uncompressed dense cache stored in fp16 (the HF/vLLM default dtype)",
+            params: &[],
+            takes_ratio: false,
+            builder: Builder::Codec(|_, cx| {
+                let cfg = DenseCacheConfig::new(cx.shape).with_dtype(StorageDtype::F16);
+                Ok(Box::new(cfg.init(&cx.device)?) as Box<dyn KvCache>)
+            }),
+        },
+        // kv-evict: prefill-time eviction, scores equal to kvpress 0.5.5 (`--ratio` is the
+        // fraction removed, 0.5 when not given).
+        MethodEntry {
+            name: "knorm",
+            summary: "evict by key norm, keep the lowest-norm keys (kvpress KnormPress)",
+            params: &[],
+            takes_ratio: true,
+            builder: Builder::Selection(select_evict),
+        },
+        MethodEntry {
+            name: "snapkv",
+            summary: "observation-window voting, window 64, kernel 5 (kvpress SnapKVPress)",
+            params: &["window", "kernel", "gqa"],
+            takes_ratio: true,
+            builder: Builder::Selection(select_evict),
+        },
+        MethodEntry {
+            name: "streaming_llm",
+            summary: "keep 4 sink tokens and the most recent prompt tokens (StreamingLLMPress)",
+            params: &["n_sink"],
+            takes_ratio: true,
+            builder: Builder::Selection(select_evict),
+        },
+        MethodEntry {
+            name: "tova",
+            summary: "evict by the last prompt query's head-mean attention (kvpress TOVAPress)",
+            params: &[],
+            takes_ratio: true,
+            builder: Builder::Selection(select_evict),
+        },
+        MethodEntry {
+            name: "observed_attention",
+            summary: "H2O at prefill: mean attention each token received (ObservedAttentionPress)",
+            params: &["gqa"],
+            takes_ratio: true,
+            builder: Builder::Selection(select_evict),
+        },
+        MethodEntry {
+            name: "keydiff",
+            summary: "keep keys least similar to the mean key (kvpress KeyDiffPress)",
+            params: &[],
+            takes_ratio: true,
+            builder: Builder::Selection(select_evict),
+        },
+        MethodEntry {
+            name: "expected_attention",
+            summary: "attention expected from future queries' statistics (ExpectedAttentionPress)",
+            params: &[
+                "n_future_positions",
+                "n_sink",
+                "use_covariance",
+                "use_vnorm",
+                "epsilon",
+                "gqa",
+            ],
+            takes_ratio: true,
+            builder: Builder::Selection(select_evict),
+        },
+        MethodEntry {
+            name: "streaming_llm_decode",
+            summary: "StreamingLLM rolling cache: 4 sinks + 512 recent tokens, evicted while decoding",
+            params: &["n_sink", "recent"],
+            takes_ratio: false,
+            builder: Builder::Policy(|spec, cx| {
+                let num = |key: &str, default: usize| -> Result<usize> {
+                    spec.params.get(key).map_or(Ok(default), |v| {
+                        v.parse()
+                            .map_err(|_| spec.bad(key, &format!("`{v}` is not a token count")))
+                    })
+                };
+                let cfg = kv_evict::StreamingConfig::new(
+                    cx.shape,
+                    num("n_sink", 4)?,
+                    num("recent", 512)?,
+                );
+                Ok(Box::new(cfg.init(&cx.device)?) as Box<dyn KvCache>)
+            }),
+        },
+        // kv-evict: budget allocation over the kvpress scorers.
+        MethodEntry {
+            name: "pyramidkv",
+            summary: "SnapKV scores, layer budgets decreasing linearly with depth, beta 20 \
+                      (kvpress PyramidKVPress)",
+            params: &["window", "kernel", "gqa", "beta"],
+            takes_ratio: true,
+            builder: Builder::Selection(select_pyramidkv),
+        },
+        MethodEntry {
+            name: "adakv_snapkv",
+            summary: "SnapKV scores, head-wise budgets by a bottom-k over the layer's heads, \
+                      alpha_safeguard 0.2 (kvpress AdaKVPress(SnapKVPress))",
+            params: &["window", "kernel", "gqa", "alpha_safeguard"],
+            takes_ratio: true,
+            builder: Builder::Selection(select_adakv),
+        },
+        MethodEntry {
+            name: "adakv",
+            summary: "Ada-KV head-wise budgets over any scorer (`scorer=NAME`, default snapkv, \
+                      with that scorer's parameters; kvpress AdaKVPress)",
+            params: ADAKV_PARAMS,
+            takes_ratio: true,
+            builder: Builder::Selection(select_adakv),
+        },
+        // kv-evict: H2O, decode-time.
+        MethodEntry {
+            name: "h2o",
+            summary: "H2O: heavy hitters by attention accumulated over prefill and decode + \
+                      recent tokens, evicted while decoding (heavy, recent: counts or \
+                      fractions of the prompt; default 0.1 each)",
+            params: &["heavy", "recent", "gqa"],
+            takes_ratio: false,
+            builder: Builder::Policy(build_h2o),
+        },
+        // kv-quant: KIVI (per-channel keys, per-token values, fp window of recent tokens).
+        MethodEntry {
+            name: "kivi",
+            summary: "KIVI: keys per channel, values per token, b bits, groups of G, fp window R \
+                      (defaults bits=2, group=32, residual=128, fp16 scales and window)",
+            params: kv_quant::KiviConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_kivi),
+        },
+        // kv-quant: serving-engine storage formats (llama.cpp blocks, vLLM fp8), every token
+        // quantized on append; every entry takes `v=FORMAT` (values in another format),
+        // `scale=tensor|head|unit` (fp8) and `search=refit|ntry7` (iq4_nl).
+        MethodEntry {
+            name: "q8_0",
+            summary: "llama.cpp q8_0 blocks along head_dim: 32 int8 codes + fp16 d = amax/127 \
+                      (8.5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+        MethodEntry {
+            name: "q4_0",
+            summary: "llama.cpp q4_0 blocks: 32 4-bit codes + fp16 d = max/-8 (4.5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+        MethodEntry {
+            name: "q4_1",
+            summary: "llama.cpp q4_1 blocks: 32 4-bit codes + fp16 d and min (5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+        MethodEntry {
+            name: "q5_0",
+            summary: "llama.cpp q5_0 blocks: 32 5-bit codes (4-bit + high-bit plane) + fp16 d \
+                      (5.5 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+        MethodEntry {
+            name: "q5_1",
+            summary: "llama.cpp q5_1 blocks: 32 5-bit codes + fp16 d and min (6 bits)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+        MethodEntry {
+            name: "iq4_nl",
+            summary: "llama.cpp iq4_nl blocks: 4-bit kvalues_iq4nl indices + fp16 d (4.5 bits; \
+                      search=refit|ntry7)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+        MethodEntry {
+            name: "fp8_e4m3",
+            summary: "vLLM-style fp8 e4m3, scale amax/448 of the first block \
+                      (scale=tensor|head|unit)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+        MethodEntry {
+            name: "fp8_e5m2",
+            summary: "vLLM-style fp8 e5m2, scale amax/57344 of the first block \
+                      (scale=tensor|head|unit)",
+            params: kv_quant::BlockQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_block_quant),
+        },
+    ]
+}
+
+/// Looks a method up and checks its parameter names and ratio.
+///
+/// # Errors
+/// [`ComposeError::UnknownMethod`] or [`ComposeError::BadParam`] (without a location; callers
+/// add it).
+pub fn lookup(spec: &MethodSpec) -> Result<MethodEntry> {
+    let reg = registry();
+    let entry = reg
+        .iter()
+        .find(|e| e.name == spec.name)
+        .cloned()
+        .ok_or_else(|| ComposeError::UnknownMethod {
+            at: String::new(),
+            name: spec.name.clone(),
+            known: reg.iter().map(|e| e.name).collect::<Vec<_>>().join(", "),
+        })?;
+    if spec.ratio.is_some() && !entry.takes_ratio {
+        return Err(spec.bad("ratio", "this method takes no compression ratio"));
+    }
+    spec.check_ratio("")?;
+    if let Some(p) = spec
+        .params
+        .keys()
+        .find(|p| !entry.params.contains(&p.as_str()))
+    {
+        return Err(spec.bad(
+            p,
+            &format!("unknown parameter; accepted: {}", entry.params.join(", ")),
+        ));
+    }
+    Ok(entry)
+}
+
+/// [`lookup`] with the error located at `at`.
+pub(crate) fn lookup_at(spec: &MethodSpec, at: &str) -> Result<MethodEntry> {
+    lookup(spec).map_err(|e| relocate(e, at))
+}
+
+/// Maps a kv-core config error to a parameter error of `spec`.
+pub(crate) fn bad_param(spec: &MethodSpec) -> impl Fn(kv_core::KvError) -> ComposeError + '_ {
+    move |e| match e {
+        kv_core::KvError::InvalidConfig { field, reason } => spec.bad(field, &reason),
+        other => ComposeError::Cache(other),
+    }
+}
+
+/// Parses an optional float parameter.
+pub(crate) fn float_param(spec: &MethodSpec, key: &str, default: f64) -> Result<f64> {
+    spec.params.get(key).map_or(Ok(default), |v| {
+        v.parse()
+            .map_err(|_| spec.bad(key, &format!("`{v}` is not a number")))
+    })
+}
+
+/// The kv-evict selection of every kvpress scorer entry; the ratio defaults to 0.5.
+fn select_evict(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::EvictConfig> {
+    select_budgeted(spec, cx, &spec.name, &[], kv_evict::BudgetKind::Uniform)
+}
+
+/// Parameters of `adakv`: `scorer`, `alpha_safeguard` and every scorer's parameters (each
+/// checked against the chosen scorer by [`kv_evict::ScorerConfig::from_params`]).
+const ADAKV_PARAMS: &[&str] = &[
+    "scorer",
+    "alpha_safeguard",
+    "window",
+    "kernel",
+    "gqa",
+    "n_sink",
+    "n_future_positions",
+    "use_covariance",
+    "use_vnorm",
+    "epsilon",
+];
+
+/// A kv-evict selection with scorer `scorer` (parameters from `spec` except those in `skip`)
+/// and budget `budget`.
+pub(crate) fn select_budgeted(
+    spec: &MethodSpec,
+    cx: &LayerContext,
+    scorer: &str,
+    skip: &[&str],
+    budget: kv_evict::BudgetKind,
+) -> Result<kv_evict::EvictConfig> {
+    let bad = bad_param(spec);
+    let scorer = kv_evict::ScorerConfig::from_params(
+        scorer,
+        spec.params
+            .iter()
+            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(
+        kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
+            .with_budget(budget)
+            .with_rope(cx.rope.clone())
+            .with_layer(cx.layer, cx.num_layers),
+    )
+}
+
+/// PyramidKV: SnapKV scores with kvpress's pyramid layer budgets.
+fn select_pyramidkv(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::EvictConfig> {
+    let beta = float_param(spec, "beta", 20.0)?;
+    select_budgeted(
+        spec,
+        cx,
+        "snapkv",
+        &["beta"],
+        kv_evict::BudgetKind::Pyramid { beta },
+    )
+}
+
+/// Ada-KV (`adakv_snapkv`, or `adakv` with `scorer=NAME`): kvpress's head-wise budgets.
+fn select_adakv(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::EvictConfig> {
+    let alpha_safeguard = float_param(spec, "alpha_safeguard", 0.2)?;
+    let scorer = match spec.name.strip_prefix("adakv_") {
+        Some(s) => s,
+        None => spec.params.get("scorer").map_or("snapkv", String::as_str),
+    };
+    select_budgeted(
+        spec,
+        cx,
+        scorer,
+        &["alpha_safeguard", "scorer"],
+        kv_evict::BudgetKind::AdaKv { alpha_safeguard },
+    )
+}
+
+/// H2O (decode-time): `heavy` and `recent` as token counts or fractions of the prompt.
+fn build_h2o(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let budget = |key: &'static str| -> Result<kv_evict::TokenBudget> {
+        spec.params
+            .get(key)
+            .map_or(Ok(kv_evict::TokenBudget::Ratio(0.1)), |v| {
+                kv_evict::TokenBudget::parse(key, v).map_err(&bad)
+            })
+    };
+    let mut cfg = kv_evict::H2oConfig::new(cx.shape, budget("heavy")?, budget("recent")?);
+    if let Some(g) = spec.params.get("gqa") {
+        cfg.gqa = kv_evict::GqaReduce::parse(g)
+            .ok_or_else(|| spec.bad("gqa", &format!("`{g}` is not one of mean, max, sum")))?;
+    }
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's KIVI cache (kv-quant); parameters map to [`kv_quant::KiviConfig`].
+fn build_kivi(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_quant::KiviConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's serving-engine-format cache (kv-quant); the method name is the format.
+fn build_block_quant(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_quant::BlockQuantConfig::from_params(
+        cx.shape,
+        &spec.name,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}

@@ -1,0 +1,4 @@
+//! Integration tests of kv-compose.
+
+mod pipeline;
+mod spec;
