@@ -39,6 +39,7 @@
 mod build;
 mod error;
 mod pipeline;
+mod presets;
 mod registry;
 mod spec;
 

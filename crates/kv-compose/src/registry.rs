@@ -298,6 +298,23 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Codec(build_block_quant),
         },
+        // kv-compose: pipelines from papers.
+        MethodEntry {
+            name: "minikv",
+            summary: "MiniKV: SnapKV selection (ratio 0.5 removed), then KIVI 2-bit, group 16, \
+                      fp16 window 128 (selection=snapkv|pyramid)",
+            params: crate::presets::MINIKV_PARAMS,
+            takes_ratio: true,
+            builder: Builder::Preset(crate::presets::minikv),
+        },
+        MethodEntry {
+            name: "mikv",
+            summary: "MiKV: accumulated-attention importance; the top tokens in fp16 (or int8), \
+                      the rest (ratio 0.75) kept at 2 bits instead of evicted",
+            params: crate::presets::MIKV_PARAMS,
+            takes_ratio: true,
+            builder: Builder::Preset(crate::presets::mikv),
+        },
     ]
 }
 

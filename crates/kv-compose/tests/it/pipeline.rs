@@ -280,3 +280,58 @@ fn bad_hand_over_is_rejected_at_init() {
     .expect_err("wrong shape");
     assert!(err.to_string().contains("shape"), "{err}");
 }
+
+/// MiKV with every token important is the high-precision cache.
+#[test]
+fn mikv_keeping_everything_important_is_the_fp16_cache() {
+    let d = test_device();
+    let mut p = make("mikv:ratio=0,group=4", &d);
+    let mut fp16 = make("dense_fp16", &d);
+    // Prefill attends the selection's fp32 copy; after the hand-over both hold fp16.
+    let (a, b) = (run(p.as_mut(), 9, 3, &d), run(fp16.as_mut(), 9, 3, &d));
+    assert_runs_close(&a[1..], &b[1..], 1e-6, "mikv");
+}
+
+/// The presets run end to end on a small shape.
+#[test]
+fn presets_run() {
+    let d = test_device();
+    for line in [
+        "minikv:group=4,residual=8",
+        "mikv:group=8",
+        "mikv:high=int8,group=8",
+    ] {
+        let shape = KvShape::new(1, 2, 4, 32).expect("shape");
+        let mut c = cx(&d);
+        c.shape = shape;
+        c.rope = RopeConfig::new(32, 10_000.0, RopeConvention::RotateHalf);
+        let mut cache = build_layer(&PipelineSpec::parse_line(line).expect("parse"), &c)
+            .unwrap_or_else(|e| panic!("{line}: {e}"));
+        let dims = [1, 2, 80, 32];
+        cache
+            .append(
+                KvBlock::contiguous(
+                    seeded_tensor(dims, 1, 1.0, &d),
+                    seeded_tensor(dims, 2, 1.0, &d),
+                    0,
+                )
+                .expect("block"),
+            )
+            .expect("append");
+        let q = Query::new(
+            seeded_tensor([1, 4, 80, 32], 3, 1.0, &d),
+            contiguous_positions(1, 80, 0),
+        )
+        .expect("query");
+        cache.attend(&q, StatsRequest::NONE).expect("attend");
+        cache.end_prefill().expect("end_prefill");
+        let q = Query::new(seeded_tensor([1, 4, 1, 32], 4, 1.0, &d), vec![80]).expect("query");
+        let a = cache.attend(&q, StatsRequest::NONE).expect("decode attend");
+        let r = cache.view().attend_reference(&q, StatsRequest::NONE);
+        assert_close(&a.output, &r.output, 1e-5, 1e-4);
+        memory_matches_buffers(cache.as_ref()).expect("memory");
+        let m = cache.memory();
+        // (At 80 tokens the fp16 tier's 64-token growth slack weighs; stay below fp32.)
+        assert!(m.stored_bytes() < m.dense_fp32_bytes(), "{line}: {m:?}");
+    }
+}

@@ -211,3 +211,50 @@ fn methods_and_pipelines_build_and_name_bad_params() {
         }
     }
 }
+
+#[test]
+fn presets_expand_to_their_papers_stages() {
+    let expand = |line: &str| match plan(&PipelineSpec::parse_line(line).expect("parse")) {
+        Ok(kv_compose::Plan::Stack {
+            selection,
+            kept,
+            evicted,
+        }) => {
+            let mut p = PipelineSpec::new(vec![selection.0, kept.0]);
+            p.evicted = evicted.map(|e| e.0);
+            p.to_line()
+        }
+        other => panic!("{line}: {other:?}"),
+    };
+    assert_eq!(
+        expand("minikv"),
+        "snapkv:ratio=0.5|kivi:bits=2,group=16,residual=128"
+    );
+    assert_eq!(
+        expand("minikv:ratio=0.75,selection=pyramid,bits=4"),
+        "pyramidkv:ratio=0.75|kivi:bits=4,group=16,residual=128"
+    );
+    assert_eq!(
+        expand("mikv"),
+        "observed_attention:ratio=0.75|dense_fp16|evicted=kivi:bits=2,group=32,residual=32"
+    );
+    assert_eq!(
+        expand("mikv:high=int8,low_bits=4,ratio=0.5"),
+        "observed_attention:ratio=0.5|q8_0|evicted=kivi:bits=4,group=32,residual=32"
+    );
+    for (bad, param) in [
+        ("minikv:selection=random", "selection"),
+        ("minikv:bits=two", "bits"),
+        ("mikv:high=fp8", "high"),
+        ("mikv:window=3", "window"),
+    ] {
+        match plan(&PipelineSpec::parse_line(bad).expect("parse")) {
+            Err(ComposeError::BadParam { param: p, at, .. }) => {
+                assert_eq!((p.as_str(), at.as_str()), (param, "stages[0]"), "{bad}");
+            }
+            other => panic!("{bad}: {other:?}"),
+        }
+    }
+    let e = plan(&PipelineSpec::parse_line("minikv|kivi").expect("parse")).expect_err("alone");
+    assert!(e.to_string().contains("preset"), "{e}");
+}

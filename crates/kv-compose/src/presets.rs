@@ -1,0 +1,79 @@
+//! Pipelines from papers, expanded into stages ([`Builder::Preset`](crate::Builder::Preset)).
+//! Each function documents the paper's setting it follows and where it deviates.
+
+use crate::Result;
+use crate::spec::{MethodSpec, PipelineSpec};
+
+fn param<'a>(spec: &'a MethodSpec, key: &str, default: &'a str) -> &'a str {
+    spec.params.get(key).map_or(default, String::as_str)
+}
+
+fn count(spec: &MethodSpec, key: &str, default: usize) -> Result<usize> {
+    let v = param(spec, key, "");
+    if v.is_empty() {
+        return Ok(default);
+    }
+    v.parse()
+        .map_err(|_| spec.bad(key, &format!("`{v}` is not a whole number")))
+}
+
+/// Parameters of `minikv`.
+pub(crate) const MINIKV_PARAMS: &[&str] = &["selection", "bits", "group", "residual"];
+
+/// MiniKV (Sharma et al., 2024, arXiv 2411.18077): select at prefill, then KIVI 2-bit with
+/// group 16 and a 128-token fp16 window for everything kept and decoded.
+///
+/// The reference's default keeps `heavy_ratio = recent_ratio = 0.25` of the prompt, half of
+/// it, so `ratio` (the fraction removed) defaults to 0.5. `selection=snapkv` (the default
+/// here) is the reference's `--use_snap True` mode: SnapKV scores with its observation window
+/// always kept. `selection=pyramid` uses PyramidKV's layer budgets over the same scores.
+pub(crate) fn minikv(spec: &MethodSpec) -> Result<PipelineSpec> {
+    let ratio = spec.ratio.unwrap_or(0.5);
+    let selection = match param(spec, "selection", "snapkv") {
+        "snapkv" => MethodSpec::new("snapkv"),
+        "pyramid" => MethodSpec::new("pyramidkv"),
+        other => {
+            return Err(spec.bad(
+                "selection",
+                &format!("`{other}` is not one of snapkv, pyramid"),
+            ));
+        }
+    }
+    .with_ratio(ratio);
+    let kivi = MethodSpec::new("kivi")
+        .with("bits", count(spec, "bits", 2)?)
+        .with("group", count(spec, "group", 16)?)
+        .with("residual", count(spec, "residual", 128)?);
+    Ok(PipelineSpec::new(vec![selection, kivi]))
+}
+
+/// Parameters of `mikv`.
+pub(crate) const MIKV_PARAMS: &[&str] = &["high", "low_bits", "group"];
+
+/// MiKV (Yang et al., 2024, arXiv 2402.18096): tokens an H2O-style importance (attention
+/// accumulated over the prompt) ranks high stay at high precision; the rest are kept at low
+/// precision instead of being evicted.
+///
+/// `ratio` (default 0.75) is the fraction of the prompt demoted to `low_bits` (default 2);
+/// `high` is `fp16` (default) or `int8` (llama.cpp `q8_0` blocks, per token). Deviation: the
+/// low tier quantizes keys per channel (KIVI) instead of per token behind MiKV's channel
+/// balancer; both answer the same problem (key outlier channels), KIVI's way needs no extra
+/// state. Decoded tokens join the high tier.
+pub(crate) fn mikv(spec: &MethodSpec) -> Result<PipelineSpec> {
+    let ratio = spec.ratio.unwrap_or(0.75);
+    let high = match param(spec, "high", "fp16") {
+        "fp16" => MethodSpec::new("dense_fp16"),
+        "int8" => MethodSpec::new("q8_0"),
+        other => return Err(spec.bad("high", &format!("`{other}` is not one of fp16, int8"))),
+    };
+    let group = count(spec, "group", 32)?;
+    let low = MethodSpec::new("kivi")
+        .with("bits", count(spec, "low_bits", 2)?)
+        .with("group", group)
+        .with("residual", group);
+    Ok(PipelineSpec::new(vec![
+        MethodSpec::new("observed_attention").with_ratio(ratio),
+        high,
+    ])
+    .with_evicted(low))
+}
