@@ -199,7 +199,20 @@ pub fn build_layer(spec: &PipelineSpec, cx: &LayerContext) -> Result<Box<dyn KvC
             // stage's location.
             let mut stream = cx.clone();
             stream.shape = KvShape::new(1, 1, cx.shape.group(), cx.shape.head_dim())?;
-            kept(&kept_spec, &stream).map_err(|e| relocate(e, "stages[1]"))?;
+            let probe = kept(&kept_spec, &stream).map_err(|e| relocate(e, "stages[1]"))?;
+            if probe.key_rope() != kv_core::KeyRope::PostRope {
+                return Err(ComposeError::Conflict {
+                    stages: format!(
+                        "stages[0] `{}` and stages[1] `{}`",
+                        sel_spec.name, kept_spec.name
+                    ),
+                    reason: format!(
+                        "`{}` stores keys before RoPE, but the selection holds post-RoPE keys and \
+                         cannot hand them over",
+                        kept_spec.name
+                    ),
+                });
+            }
             let mut cfg = PipelineCacheConfig::new(selection, factory(kept_spec, kept, cx))
                 .with_label(spec.to_line());
             if let Some((ev_spec, ev)) = evicted {

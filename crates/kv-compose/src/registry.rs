@@ -298,6 +298,37 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Codec(build_block_quant),
         },
+        // kv-quant: QJL (1-bit JL sketch of keys, scores from the bits; KIVI-style values).
+        MethodEntry {
+            name: "qjl",
+            summary: "QJL: keys as sign bits of a seeded JL sketch (m bits) + fp16 norms, outlier \
+                      channels per group sketched apart (m_o bits), scores estimated from the bits; \
+                      values per token; fp buffer (defaults sketch_dim=256, outlier_sketch_dim=256, \
+                      outliers=8, value_bits=2, group=32, buffer=128, seed=42)",
+            params: kv_quant::QjlConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_qjl),
+        },
+        // kv-quant: GEAR (uniform backbone + low-rank residual + sparse fp16 outliers).
+        MethodEntry {
+            name: "gear",
+            summary: "GEAR: KIVI-grouped b-bit backbone + rank-r power-iteration approximation of \
+                      its residual + top/bottom s/2 entries in fp16, compressed every gap tokens \
+                      (defaults bits=2, group=64, prefill_rank=4, rank=2, loop=3, left=0.02, gap=64)",
+            params: kv_quant::GearConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_gear),
+        },
+        // kv-quant: KVQuant (pre-RoPE keys, calibrated non-uniform codebooks, sparse outliers).
+        MethodEntry {
+            name: "kvquant",
+            summary: "KVQuant: pre-RoPE per-channel keys and per-token values on calibrated \
+                      non-uniform codebooks, ~1% fp16 outliers (CSR), fp16 sinks; needs \
+                      calibration=PATH (JSON array of per-layer KvQuantCalibration)",
+            params: kv_quant::KvQuantConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_kvquant),
+        },
         // kv-compose: pipelines from papers.
         MethodEntry {
             name: "minikv",
@@ -482,6 +513,63 @@ fn build_block_quant(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvC
         cx.shape,
         &spec.name,
         spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's QJL cache (kv-quant); parameters map to [`kv_quant::QjlConfig`].
+fn build_qjl(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_quant::QjlConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's GEAR cache (kv-quant); parameters map to [`kv_quant::GearConfig`].
+fn build_gear(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_quant::GearConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's KVQuant cache (kv-quant): `calibration=PATH` names a JSON array of per-layer
+/// [`kv_quant::KvQuantCalibration`] artefacts, indexed by the layer.
+fn build_kvquant(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_quant::KvQuantConfig::from_params(
+        cx.shape,
+        cx.rope.clone(),
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        |path| {
+            let fail = |reason: String| kv_core::KvError::InvalidConfig {
+                field: "calibration",
+                reason,
+            };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("cannot read `{path}`: {e}")))?;
+            let mut layers: Vec<kv_quant::KvQuantCalibration> = serde_json::from_str(&text)
+                .map_err(|e| {
+                    fail(format!(
+                        "`{path}` is not a JSON array of KvQuantCalibration: {e}"
+                    ))
+                })?;
+            if cx.layer >= layers.len() {
+                return Err(fail(format!(
+                    "`{path}` holds {} layers, layer {} was asked for",
+                    layers.len(),
+                    cx.layer
+                )));
+            }
+            Ok(layers.swap_remove(cx.layer))
+        },
     )
     .map_err(&bad)?;
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))

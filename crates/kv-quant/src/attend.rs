@@ -34,8 +34,27 @@ pub(crate) fn attend_streamed(
     kv_heads: usize,
     len: usize,
     positions: &[Vec<u32>],
-    mut next_end: impl FnMut(usize) -> usize,
+    next_end: impl FnMut(usize) -> usize,
     mut fetch: impl FnMut(Range<usize>) -> (Tensor<4>, Tensor<4>),
+) -> Tensor<4> {
+    attend_streamed_scores(query, kv_heads, len, positions, next_end, |range, q| {
+        let (k, v) = fetch(range);
+        (q.clone().matmul(k.swap_dims(2, 3)), v)
+    })
+}
+
+/// [`attend_streamed`] for caches that compute scores without materialising keys (QJL scores
+/// from sign sketches): `fetch(range, q)` gets the scaled queries grouped per KV head,
+/// `[batch, kv_heads, group * q_len, head_dim]` (row `j * q_len + i` is query token `i` of
+/// the `j`-th query head of the group), and returns that chunk's scores `q · kᵀ`,
+/// `[batch, kv_heads, group * q_len, range.len()]`, and its values in fp32.
+pub(crate) fn attend_streamed_scores(
+    query: &Query,
+    kv_heads: usize,
+    len: usize,
+    positions: &[Vec<u32>],
+    mut next_end: impl FnMut(usize) -> usize,
+    mut fetch: impl FnMut(Range<usize>, &Tensor<4>) -> (Tensor<4>, Tensor<4>),
 ) -> Tensor<4> {
     let q = query.tensor().clone();
     let [b, qh, n, d] = q.dims();
@@ -63,7 +82,7 @@ pub(crate) fn attend_streamed(
     while start < len {
         let end = next_end(start).clamp(start + 1, len);
         let c = end - start;
-        let (k, v) = fetch(start..end);
+        let (scores, v) = fetch(start..end, &q);
         let mut kp = Vec::with_capacity(b * c);
         for p in positions {
             kp.extend(
@@ -75,10 +94,7 @@ pub(crate) fn attend_streamed(
         let kp = int_tensor(kp, [b, 1, 1, c], &device);
         let shape = [b, kv_heads, rows, c];
         let mask = kp.expand(shape).greater(qp.clone().expand(shape));
-        let scores = q
-            .clone()
-            .matmul(k.swap_dims(2, 3))
-            .mask_fill(mask, f32::NEG_INFINITY);
+        let scores = scores.mask_fill(mask, f32::NEG_INFINITY);
         let m_new = m.clone().max_pair(scores.clone().max_dim(3));
         let corr = (m - m_new.clone()).exp();
         let p = (scores - m_new.clone()).exp();

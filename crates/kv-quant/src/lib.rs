@@ -1,7 +1,10 @@
 //! KV-cache quantization for kv-compress: bit packing of small codes into `U32` words, uniform
 //! group quantizers (asymmetric and symmetric, grouped along tokens or channels), the KIVI
-//! cache (per-channel keys, per-token values, a full-precision window of recent tokens) and
-//! serving-engine storage formats as a cache (llama.cpp `q8_0` ... `iq4_nl` blocks, fp8).
+//! cache (per-channel keys, per-token values, a full-precision window of recent tokens),
+//! KVQuant (pre-RoPE keys, calibrated non-uniform codebooks, dense-and-sparse outliers),
+//! QJL (1-bit sketched keys with scores estimated from the bits), GEAR (quantization plus
+//! low-rank plus sparse error recovery) and serving-engine storage formats as a cache
+//! (llama.cpp `q8_0` ... `iq4_nl` blocks, fp8).
 //!
 //! Everything is written with Burn tensor ops on `Tensor<D>` and a [`Device`](burn::prelude::Device),
 //! so it runs on every backend; the crate enables no backend itself.
@@ -15,6 +18,12 @@
 //!   `q5_0`, `q5_1`, `iq4_nl`; vLLM-style fp8) and [`EncodedBlocks`].
 //! - [`block_cache`]: [`BlockQuantCache`], a [`KvCache`](kv_core::KvCache) stored in a
 //!   [`BlockFormat`].
+//! - [`gear`]: [`GearCache`], a quantized backbone plus a low-rank approximation of its
+//!   residual plus exact sparse outliers.
+//! - [`kvquant`]: [`KvQuantCache`], pre-RoPE per-channel keys and per-token values on
+//!   calibrated non-uniform codebooks ([`KvQuantCalibration`]) with exact sparse outliers.
+//! - [`qjl`]: [`QjlCache`], keys as sign bits of a JL sketch with scores estimated from the
+//!   bits ([`QjlSketch`], [`QjlKeys`]), values per token as in KIVI.
 //!
 //! # Example
 //! ```
@@ -40,15 +49,23 @@ pub mod block_cache;
 pub mod blocks;
 mod error;
 pub mod fp8;
+pub mod gear;
 pub mod group;
 pub mod kivi;
+pub mod kvquant;
 pub mod packing;
+mod params;
+pub mod qjl;
+mod rng;
 
 pub use block_cache::{BlockQuantCache, BlockQuantConfig, Fp8Scale};
 pub use blocks::{BlockFormat, EncodedBlocks, Iq4Search};
 pub use fp8::Fp8Format;
+pub use gear::{GearCache, GearConfig};
 
 pub use error::{QuantError, Result};
 pub use group::{GroupAxis, QuantMode, QuantSpec, QuantizedTensor};
 pub use kivi::{KiviCache, KiviConfig};
+pub use kvquant::{KvQuantCache, KvQuantCalibration, KvQuantConfig};
 pub use packing::BitWidth;
+pub use qjl::{QjlCache, QjlConfig, QjlKeys, QjlSketch};

@@ -2,8 +2,11 @@
 
 mod blocks;
 mod fp8;
+mod gear;
 mod ggml_ref;
 mod group;
 mod kivi;
+mod kvquant;
 mod packing;
+mod qjl;
 mod quanto;
