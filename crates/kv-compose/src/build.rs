@@ -195,6 +195,18 @@ pub fn build_layer(spec: &PipelineSpec, cx: &LayerContext) -> Result<Box<dyn KvC
             evicted,
         } => {
             let selection = sel(&sel_spec, cx).map_err(|e| relocate(e, "stages[0]"))?;
+            if selection.decode.is_some() {
+                return Err(ComposeError::Conflict {
+                    stages: format!(
+                        "stages[0] `{}` and stages[1] `{}`",
+                        sel_spec.name, kept_spec.name
+                    ),
+                    reason: "decode-time compression (decode_every) re-scores the selection's \
+                             own storage, which the codec takes over at the end of prefill; use \
+                             it without a codec"
+                        .into(),
+                });
+            }
             // Build each codec once for a stream shape so that parameter errors carry their
             // stage's location.
             let mut stream = cx.clone();

@@ -77,3 +77,34 @@ pub(crate) fn mikv(spec: &MethodSpec) -> Result<PipelineSpec> {
     ])
     .with_evicted(low))
 }
+
+/// Parameters of `leankv`.
+pub(crate) const LEANKV_PARAMS: &[&str] = &["precision", "mass", "scorer", "group", "residual"];
+
+/// LeanKV (Zhang et al., 2024, arXiv 2412.03131): per-head dynamic sparsity (each KV head keeps
+/// the fewest tokens covering `mass` of its attention, default 0.9) and hetero-precision with
+/// keys above values (`precision=k8v4`, the default, or `k4v2`).
+///
+/// Importance is the attention each token received over the prompt (`scorer=observed_attention`,
+/// the default; any kv-evict scorer may be named). Deviations: precision is per tensor (every
+/// kept key at the key width, every value at the value width) with KIVI's grouping (keys per
+/// channel, values per token, group 32, fp16 window 128) instead of LeanKV's three-tier
+/// importance-driven precision and its paged memory manager.
+pub(crate) fn leankv(spec: &MethodSpec) -> Result<PipelineSpec> {
+    let (kb, vb) = match param(spec, "precision", "k8v4") {
+        "k8v4" => (8, 4),
+        "k4v2" => (4, 2),
+        other => {
+            return Err(spec.bad("precision", &format!("`{other}` is not one of k8v4, k4v2")));
+        }
+    };
+    let coverage = MethodSpec::new("coverage")
+        .with("scorer", param(spec, "scorer", "observed_attention"))
+        .with("mass", param(spec, "mass", "0.9"));
+    let kivi = MethodSpec::new("kivi")
+        .with("key_bits", kb)
+        .with("value_bits", vb)
+        .with("group", count(spec, "group", 32)?)
+        .with("residual", count(spec, "residual", 128)?);
+    Ok(PipelineSpec::new(vec![coverage, kivi]))
+}

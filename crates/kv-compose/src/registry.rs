@@ -117,28 +117,28 @@ pub fn registry() -> Vec<MethodEntry> {
         MethodEntry {
             name: "knorm",
             summary: "evict by key norm, keep the lowest-norm keys (kvpress KnormPress)",
-            params: &[],
+            params: kv_evict::DecodeCompression::PARAMS,
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "snapkv",
             summary: "observation-window voting, window 64, kernel 5 (kvpress SnapKVPress)",
-            params: &["window", "kernel", "gqa"],
+            params: &["window", "kernel", "gqa", "decode_every", "decode_target"],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "streaming_llm",
             summary: "keep 4 sink tokens and the most recent prompt tokens (StreamingLLMPress)",
-            params: &["n_sink"],
+            params: &["n_sink", "decode_every", "decode_target"],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "tova",
             summary: "evict by the last prompt query's head-mean attention (kvpress TOVAPress)",
-            params: &[],
+            params: kv_evict::DecodeCompression::PARAMS,
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
@@ -152,7 +152,7 @@ pub fn registry() -> Vec<MethodEntry> {
         MethodEntry {
             name: "keydiff",
             summary: "keep keys least similar to the mean key (kvpress KeyDiffPress)",
-            params: &[],
+            params: kv_evict::DecodeCompression::PARAMS,
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
@@ -166,6 +166,8 @@ pub fn registry() -> Vec<MethodEntry> {
                 "use_vnorm",
                 "epsilon",
                 "gqa",
+                "decode_every",
+                "decode_target",
             ],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
@@ -195,7 +197,14 @@ pub fn registry() -> Vec<MethodEntry> {
             name: "pyramidkv",
             summary: "SnapKV scores, layer budgets decreasing linearly with depth, beta 20 \
                       (kvpress PyramidKVPress)",
-            params: &["window", "kernel", "gqa", "beta"],
+            params: &[
+                "window",
+                "kernel",
+                "gqa",
+                "beta",
+                "decode_every",
+                "decode_target",
+            ],
             takes_ratio: true,
             builder: Builder::Selection(select_pyramidkv),
         },
@@ -203,7 +212,14 @@ pub fn registry() -> Vec<MethodEntry> {
             name: "adakv_snapkv",
             summary: "SnapKV scores, head-wise budgets by a bottom-k over the layer's heads, \
                       alpha_safeguard 0.2 (kvpress AdaKVPress(SnapKVPress))",
-            params: &["window", "kernel", "gqa", "alpha_safeguard"],
+            params: &[
+                "window",
+                "kernel",
+                "gqa",
+                "alpha_safeguard",
+                "decode_every",
+                "decode_target",
+            ],
             takes_ratio: true,
             builder: Builder::Selection(select_adakv),
         },
@@ -298,6 +314,95 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Codec(build_block_quant),
         },
+        // kv-evict: Scissorhands and Keyformer, decode-time (use with --protocol stream).
+        MethodEntry {
+            name: "scissorhands",
+            summary: "Scissorhands: evict the tokens least often above uniform attention over \
+                      their last 400 attention calls; budget B = tokens or a fraction of the \
+                      prompt (default 0.5), 10 recent + 4 sinks never evicted \
+                      (cold-compress KVCacheHeavyHitter)",
+            params: kv_evict::ScissorhandsConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Policy(|spec, cx| {
+                let bad = bad_param(spec);
+                let cfg = kv_evict::ScissorhandsConfig::from_params(
+                    cx.shape,
+                    spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                )
+                .map_err(&bad)?;
+                Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?) as Box<dyn KvCache>)
+            }),
+        },
+        MethodEntry {
+            name: "keyformer",
+            summary: "Keyformer: H2O-style accumulated Gumbel-softmax scores (tau 1 + 0.01 per \
+                      decode step), budget = tokens or a fraction of the prompt (default 0.6), \
+                      30% of it recent tokens (d-matrix-ai/keyformer-llm)",
+            params: kv_evict::KeyformerConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Policy(|spec, cx| {
+                let bad = bad_param(spec);
+                let cfg = kv_evict::KeyformerConfig::from_params(
+                    cx.shape,
+                    spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+                )
+                .map_err(&bad)?;
+                Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?) as Box<dyn KvCache>)
+            }),
+        },
+        MethodEntry {
+            name: "coverage",
+            summary: "per-head coverage budgets (LeanKV): each KV head keeps the fewest tokens \
+                      covering `mass` (default 0.9) of its normalised scores; `scorer=NAME` \
+                      (default snapkv) with that scorer's parameters; no ratio",
+            params: COVERAGE_PARAMS,
+            takes_ratio: false,
+            builder: Builder::Selection(select_coverage),
+        },
+        MethodEntry {
+            name: "headkv",
+            summary: "HeadKV: SnapKV (window 32, kernel 7) with per-head budgets from offline \
+                      retrieval-head scores (artefact=PATH, default the shipped SmolLM2-135M \
+                      calibration), beta 1.01, temp 1",
+            params: &["window", "kernel", "gqa", "beta", "temp", "artefact"],
+            takes_ratio: true,
+            builder: Builder::Selection(select_headkv),
+        },
+        // kv-pq: non-destructive query-aware selection (every token kept, full K/V counted;
+        // decode attends exactly to a query-dependent subset).
+        MethodEntry {
+            name: "quest",
+            summary: "Quest: per-page key min/max (16-token pages); decode attends to the pages \
+                      with the largest score bound (budget=N tokens or 0.x, required)",
+            params: kv_pq::QuestConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_quest),
+        },
+        MethodEntry {
+            name: "pqcache",
+            summary: "PQCache: keys product-quantized at end of prefill (2 subspaces x 6 bits); \
+                      decode attends to 32 sinks + 32 recent + top_k by PQ score (top_k required)",
+            params: kv_pq::PqCacheConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_pqcache),
+        },
+        MethodEntry {
+            name: "double_sparsity",
+            summary: "Double Sparsity: label cache of head_dim/8 channels chosen from prefill \
+                      |q|·|k| statistics; decode attends to the heavy best + current token \
+                      (heavy required)",
+            params: kv_pq::DoubleSparsityConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_double_sparsity),
+        },
+        MethodEntry {
+            name: "clusterkv",
+            summary: "ClusterKV: 400 k-means clusters of unit keys at end of prefill; decode \
+                      attends to 16 sinks + current token + best clusters (budget required)",
+            params: kv_pq::ClusterKvConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_clusterkv),
+        },
         // kv-quant: QJL (1-bit JL sketch of keys, scores from the bits; KIVI-style values).
         MethodEntry {
             name: "qjl",
@@ -345,6 +450,15 @@ pub fn registry() -> Vec<MethodEntry> {
             params: crate::presets::MIKV_PARAMS,
             takes_ratio: true,
             builder: Builder::Preset(crate::presets::mikv),
+        },
+        MethodEntry {
+            name: "leankv",
+            summary: "LeanKV: per-head dynamic sparsity (fewest tokens covering 90% of each \
+                      head's prompt attention), then keys at 8 bits and values at 4 \
+                      (precision=k8v4|k4v2)",
+            params: crate::presets::LEANKV_PARAMS,
+            takes_ratio: false,
+            builder: Builder::Preset(crate::presets::leankv),
         },
     ]
 }
@@ -421,6 +535,8 @@ const ADAKV_PARAMS: &[&str] = &[
     "use_covariance",
     "use_vnorm",
     "epsilon",
+    "decode_every",
+    "decode_target",
 ];
 
 /// A kv-evict selection with scorer `scorer` (parameters from `spec` except those in `skip`)
@@ -437,16 +553,25 @@ pub(crate) fn select_budgeted(
         scorer,
         spec.params
             .iter()
-            .filter(|(k, _)| !skip.contains(&k.as_str()))
+            .filter(|(k, _)| {
+                !skip.contains(&k.as_str())
+                    && !kv_evict::DecodeCompression::PARAMS.contains(&k.as_str())
+            })
             .map(|(k, v)| (k.as_str(), v.as_str())),
     )
     .map_err(&bad)?;
-    Ok(
-        kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
-            .with_budget(budget)
-            .with_rope(cx.rope.clone())
-            .with_layer(cx.layer, cx.num_layers),
+    let decode = kv_evict::DecodeCompression::from_params(
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
+    .map_err(&bad)?;
+    let mut cfg = kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
+        .with_budget(budget)
+        .with_rope(cx.rope.clone())
+        .with_layer(cx.layer, cx.num_layers);
+    if let Some(dc) = decode {
+        cfg = cfg.with_decode_compression(dc.every, dc.target);
+    }
+    Ok(cfg)
 }
 
 /// PyramidKV: SnapKV scores with kvpress's pyramid layer budgets.
@@ -570,6 +695,112 @@ fn build_kvquant(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache
             }
             Ok(layers.swap_remove(cx.layer))
         },
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// Parameters of `coverage`: `scorer`, `mass` and every scorer's parameters.
+const COVERAGE_PARAMS: &[&str] = &[
+    "scorer",
+    "mass",
+    "window",
+    "kernel",
+    "gqa",
+    "n_sink",
+    "n_future_positions",
+    "use_covariance",
+    "use_vnorm",
+    "epsilon",
+];
+
+/// LeanKV-style coverage: per-head budgets covering a share of each head's score mass.
+fn select_coverage(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::EvictConfig> {
+    let mass = float_param(spec, "mass", 0.9)?;
+    let scorer = spec.params.get("scorer").map_or("snapkv", String::as_str);
+    select_budgeted(
+        spec,
+        cx,
+        scorer,
+        &["mass", "scorer"],
+        kv_evict::BudgetKind::Coverage { mass },
+    )
+}
+
+/// The HeadKV head-importance artefact shipped for SmolLM2-135M-Instruct (kv-evict's
+/// `examples/headkv_calibrate.rs` regenerates it).
+const HEADKV_SMOLLM2: &str = include_str!("../../kv-evict/data/headkv_smollm2_135m_instruct.json");
+
+/// HeadKV: SnapKV with HeadKV's window 32 / kernel 7 and static per-head budgets from the
+/// head-importance artefact (`artefact=PATH`; default the shipped SmolLM2 one).
+fn select_headkv(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::EvictConfig> {
+    let bad = bad_param(spec);
+    let beta = float_param(spec, "beta", 1.01)?;
+    let temp = float_param(spec, "temp", 1.0)?;
+    let json = match spec.params.get("artefact") {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| spec.bad("artefact", &format!("cannot read `{path}`: {e}")))?,
+        None => HEADKV_SMOLLM2.to_owned(),
+    };
+    let importance = kv_evict::HeadImportance::from_json(&json).map_err(&bad)?;
+    let mut params: std::collections::BTreeMap<&str, &str> = spec
+        .params
+        .iter()
+        .filter(|(k, _)| !["beta", "temp", "artefact"].contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    params.entry("window").or_insert("32");
+    params.entry("kernel").or_insert("7");
+    let scorer = kv_evict::ScorerConfig::from_params("snapkv", params).map_err(&bad)?;
+    Ok(
+        kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
+            .with_budget(kv_evict::BudgetKind::HeadKv { beta, temp })
+            .with_head_importance(importance)
+            .with_rope(cx.rope.clone())
+            .with_layer(cx.layer, cx.num_layers),
+    )
+}
+
+/// One layer's Quest cache (kv-pq); parameters map to [`kv_pq::QuestConfig`].
+fn build_quest(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_pq::QuestConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's PQCache (kv-pq); parameters map to [`kv_pq::PqCacheConfig`].
+fn build_pqcache(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_pq::PqCacheConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's Double Sparsity cache (kv-pq); parameters map to
+/// [`kv_pq::DoubleSparsityConfig`].
+fn build_double_sparsity(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_pq::DoubleSparsityConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's ClusterKV cache (kv-pq); parameters map to [`kv_pq::ClusterKvConfig`].
+fn build_clusterkv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_pq::ClusterKvConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
     .map_err(&bad)?;
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))

@@ -28,10 +28,10 @@ pub struct Plot {
     pub reference: Option<(String, f64)>,
 }
 
-const W: f64 = 900.0;
+const W: f64 = 1000.0;
 const H: f64 = 560.0;
 const LEFT: f64 = 80.0;
-const RIGHT: f64 = 220.0;
+const RIGHT: f64 = 320.0;
 const TOP: f64 = 50.0;
 const BOTTOM: f64 = 60.0;
 const COLORS: [&str; 10] = [
@@ -187,6 +187,24 @@ impl Plot {
         }
         for (i, ser) in self.series.iter().enumerate() {
             let c = COLORS[i % COLORS.len()];
+            // Past the palette, series repeat colours with square markers and dashed lines.
+            let second = (i / COLORS.len()) % 2 == 1;
+            let dash = if second {
+                r#" stroke-dasharray="6 3""#
+            } else {
+                ""
+            };
+            let marker = |x: f64, y: f64| {
+                if second {
+                    format!(
+                        r#"<rect x="{:.1}" y="{:.1}" width="8" height="8" fill="{c}"/>"#,
+                        x - 4.0,
+                        y - 4.0
+                    )
+                } else {
+                    format!(r#"<circle cx="{x:.1}" cy="{y:.1}" r="4" fill="{c}"/>"#)
+                }
+            };
             if ser.points.len() > 1 {
                 let path: Vec<String> = ser
                     .points
@@ -195,23 +213,14 @@ impl Plot {
                     .collect();
                 let _ = write!(
                     s,
-                    r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="2"/>"#,
+                    r#"<polyline points="{}" fill="none" stroke="{c}" stroke-width="2"{dash}/>"#,
                     path.join(" ")
                 );
             }
             for &(x, y) in &ser.points {
-                let _ = write!(
-                    s,
-                    r#"<circle cx="{:.1}" cy="{:.1}" r="4" fill="{c}"/>"#,
-                    sx(x),
-                    sy(y)
-                );
+                s.push_str(&marker(sx(x), sy(y)));
             }
-            let _ = write!(
-                s,
-                r#"<circle cx="{:.1}" cy="{legend_y:.1}" r="4" fill="{c}"/>"#,
-                LEFT + pw + 27.0
-            );
+            s.push_str(&marker(LEFT + pw + 27.0, legend_y));
             let _ = write!(
                 s,
                 r#"<text x="{:.1}" y="{:.1}">{}</text>"#,

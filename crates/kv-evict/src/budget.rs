@@ -5,7 +5,8 @@
 //! layer and head the same fraction; [`PyramidBudget`] (kvpress `PyramidKVPress`) gives the
 //! lower layers more and the upper layers less with the same average; [`AdaKvBudget`]
 //! (kvpress `AdaKVPress`) gives the heads of a layer different budgets with the same layer
-//! total, by a bottom-k over the scores of every head.
+//! total, by a bottom-k over the scores of every head; [`CoverageBudget`] (LeanKV) gives every
+//! head the smallest set of tokens covering a share of its score mass.
 
 use core::fmt::Debug;
 
@@ -319,6 +320,210 @@ impl BudgetAllocator for AdaKvBudget {
     }
 }
 
+/// How [`CoverageBudget`] turns a stream's scores into a distribution over its tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MassNorm {
+    /// `p_j = max(s_j, 0) / Σ max(s, 0)`: for scores that are attention masses (SnapKV, TOVA,
+    /// ObservedAttention, ExpectedAttention, StreamingLLM's 0/1).
+    Proportional,
+    /// `p_j = exp(s_j - max s) / Σ exp(s - max s)`: for scores that are not masses and can be
+    /// negative (KNorm's `-‖k‖`, KeyDiff's `-cos`), read as logits.
+    Softmax,
+}
+
+impl MassNorm {
+    /// The normalisation for the scores of `scorer`: softmax for the key-geometry scorers
+    /// (`knorm`, `keydiff`), proportional for the attention-mass scorers.
+    pub fn for_scorer(scorer: &crate::ScorerConfig) -> Self {
+        match scorer {
+            crate::ScorerConfig::Knorm | crate::ScorerConfig::KeyDiff => MassNorm::Softmax,
+            _ => MassNorm::Proportional,
+        }
+    }
+
+    /// The normalisation when the scorer is unknown: proportional when no score is negative,
+    /// softmax otherwise.
+    pub fn infer(scores: &[f32]) -> Self {
+        if scores.iter().any(|&s| s < 0.0) {
+            MassNorm::Softmax
+        } else {
+            MassNorm::Proportional
+        }
+    }
+
+    /// Unnormalised weights (NaN scores weigh 0; all weights 0 or non-finite sums become
+    /// uniform weights).
+    fn weights(self, scores: &[f32]) -> Vec<f64> {
+        let w: Vec<f64> = match self {
+            MassNorm::Proportional => scores
+                .iter()
+                .map(|&s| {
+                    if s.is_nan() {
+                        0.0
+                    } else {
+                        f64::from(s.max(0.0))
+                    }
+                })
+                .collect(),
+            MassNorm::Softmax => {
+                let top = scores
+                    .iter()
+                    .copied()
+                    .filter(|s| !s.is_nan())
+                    .fold(f32::NEG_INFINITY, f32::max);
+                scores
+                    .iter()
+                    .map(|&s| {
+                        if s.is_nan() {
+                            0.0
+                        } else {
+                            (f64::from(s) - f64::from(top)).exp()
+                        }
+                    })
+                    .collect()
+            }
+        };
+        let total: f64 = w.iter().sum();
+        if total > 0.0 && total.is_finite() {
+            w
+        } else {
+            vec![1.0; scores.len()]
+        }
+    }
+}
+
+/// LeanKV's per-head dynamic sparsity: every (sequence, KV head) keeps the smallest set of its
+/// tokens whose normalised scores cover `mass` of the head's total, so budgets differ per
+/// head (and per sequence) and follow how concentrated each head's scores are.
+///
+/// Per stream of `n` tokens: the `pinned_front` first and `pinned_back` last tokens (those a
+/// scorer always keeps with kvpress's `max + 1`: SnapKV's window, TOVA's last token,
+/// ExpectedAttention's sinks) are kept and left out of the mass; the others' scores become a
+/// distribution `p` ([`MassNorm`]); sorted by decreasing `p`, tokens are taken until their sum
+/// reaches `mass` (within a relative `1e-6`, so that `0.5 + 0.3` covers `0.8` in floating
+/// point). The budget is `pinned + taken`; the kept set is then the stream's best `budget`
+/// tokens ([`keep_lists`](crate::keep_lists)), which are exactly the pinned and taken ones.
+/// `ratio` plays no part.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoverageBudget {
+    /// Share of the score mass to keep, in `(0, 1]`.
+    pub mass: f64,
+    /// Leading tokens always kept, outside the mass.
+    pub pinned_front: usize,
+    /// Trailing tokens always kept, outside the mass.
+    pub pinned_back: usize,
+    /// The normalisation (`None`: [`MassNorm::infer`] per stream).
+    pub norm: Option<MassNorm>,
+}
+
+impl CoverageBudget {
+    /// A validated coverage allocator with nothing pinned and an inferred normalisation.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`] for a `mass` outside `(0, 1]`.
+    pub fn new(mass: f64) -> Result<Self> {
+        check_mass(mass)?;
+        Ok(CoverageBudget {
+            mass,
+            pinned_front: 0,
+            pinned_back: 0,
+            norm: None,
+        })
+    }
+
+    /// Sets the pinned tokens.
+    pub fn with_pinned(mut self, front: usize, back: usize) -> Self {
+        self.pinned_front = front;
+        self.pinned_back = back;
+        self
+    }
+
+    /// Sets the normalisation.
+    pub fn with_norm(mut self, norm: MassNorm) -> Self {
+        self.norm = Some(norm);
+        self
+    }
+
+    /// The coverage allocator fitted to a scorer: its always-kept tokens pinned and its
+    /// normalisation ([`MassNorm::for_scorer`]).
+    ///
+    /// # Errors
+    /// As [`CoverageBudget::new`].
+    pub fn for_scorer(mass: f64, scorer: &crate::ScorerConfig) -> Result<Self> {
+        let (front, back) = match *scorer {
+            crate::ScorerConfig::SnapKv { window, .. } => (0, window),
+            crate::ScorerConfig::Tova => (0, 1),
+            crate::ScorerConfig::ExpectedAttention { n_sink, .. } => (n_sink, 0),
+            _ => (0, 0),
+        };
+        Ok(Self::new(mass)?
+            .with_pinned(front, back)
+            .with_norm(MassNorm::for_scorer(scorer)))
+    }
+
+    /// Tokens one stream keeps given its scores.
+    pub fn stream_budget(&self, scores: &[f32]) -> usize {
+        let n = scores.len();
+        let front = self.pinned_front.min(n);
+        let back = self.pinned_back.min(n - front);
+        let cand = &scores[front..n - back];
+        if cand.is_empty() {
+            return n;
+        }
+        let norm = self.norm.unwrap_or_else(|| MassNorm::infer(cand));
+        let mut w = norm.weights(cand);
+        let total: f64 = w.iter().sum();
+        let goal = self.mass * total * (1.0 - 1e-6);
+        w.sort_unstable_by(|a, b| b.total_cmp(a));
+        let mut cum = 0.0;
+        let mut taken = 0;
+        for x in w {
+            cum += x;
+            taken += 1;
+            if cum >= goal {
+                break;
+            }
+        }
+        front + back + taken
+    }
+}
+
+fn check_mass(mass: f64) -> Result<()> {
+    if mass > 0.0 && mass <= 1.0 {
+        Ok(())
+    } else {
+        Err(KvError::InvalidConfig {
+            field: "mass",
+            reason: format!("{mass} is not a share of the score mass in (0, 1]"),
+        })
+    }
+}
+
+impl BudgetAllocator for CoverageBudget {
+    fn allocate(&self, ctx: &BudgetContext<'_>) -> Result<Vec<usize>> {
+        check_mass(self.mass)?;
+        if ctx.held.len() != ctx.scores.len() {
+            return Err(KvError::ShapeMismatch {
+                op: "CoverageBudget::allocate",
+                what: "score lists (batch * kv_heads)",
+                expected: ctx.held.len(),
+                got: ctx.scores.len(),
+            });
+        }
+        if let Some(s) = (0..ctx.held.len()).find(|&s| ctx.scores[s].len() != ctx.held[s]) {
+            return Err(KvError::ShapeMismatch {
+                op: "CoverageBudget::allocate",
+                what: "scores of a stream",
+                expected: ctx.held[s],
+                got: ctx.scores[s].len(),
+            });
+        }
+        Ok(ctx.scores.iter().map(|s| self.stream_budget(s)).collect())
+    }
+}
+
 /// The serialisable choice of allocator.
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -338,6 +543,30 @@ pub enum BudgetKind {
         #[serde(default = "default_alpha")]
         alpha_safeguard: f64,
     },
+    /// [`CoverageBudget`] (LeanKV's per-head dynamic sparsity); the compression ratio is
+    /// ignored.
+    Coverage {
+        /// Share of each head's score mass to keep, in `(0, 1]`.
+        mass: f64,
+    },
+    /// [`HeadKvBudget`](crate::HeadKvBudget) (HeadKV's static head budgets); needs the
+    /// head-importance artefact ([`EvictConfig::head_importance`](crate::EvictConfig)).
+    HeadKv {
+        /// Pool steepness, `> 1` (KVCache-Factory default 1.01).
+        #[serde(default = "default_headkv_beta")]
+        beta: f64,
+        /// Exponent applied to the head distribution (HeadKV's `temp`, default 1).
+        #[serde(default = "default_temp")]
+        temp: f64,
+    },
+}
+
+fn default_headkv_beta() -> f64 {
+    1.01
+}
+
+fn default_temp() -> f64 {
+    1.0
 }
 
 fn default_beta() -> f64 {
@@ -362,6 +591,8 @@ impl BudgetKind {
             BudgetKind::Uniform => "uniform",
             BudgetKind::Pyramid { .. } => "pyramid",
             BudgetKind::AdaKv { .. } => "adakv",
+            BudgetKind::Coverage { .. } => "coverage",
+            BudgetKind::HeadKv { .. } => "headkv",
         }
     }
 
@@ -370,7 +601,8 @@ impl BudgetKind {
     ///
     /// # Errors
     /// [`KvError::InvalidConfig`] for a ratio outside `[0, 1)` or a bad `beta` or
-    /// `alpha_safeguard`.
+    /// `alpha_safeguard`; always for [`BudgetKind::HeadKv`], which needs its artefact
+    /// (built by [`EvictConfig::init`](crate::EvictConfig::init)).
     pub fn allocator(self, ratio: f64, window: usize) -> Result<Box<dyn BudgetAllocator>> {
         match self {
             BudgetKind::Uniform => Ok(Box::new(UniformBudget::new(ratio)?)),
@@ -378,6 +610,34 @@ impl BudgetKind {
             BudgetKind::AdaKv { alpha_safeguard } => {
                 Ok(Box::new(AdaKvBudget::new(ratio, alpha_safeguard)?))
             }
+            BudgetKind::Coverage { mass } => {
+                Ok(Box::new(CoverageBudget::new(mass)?.with_pinned(0, window)))
+            }
+            BudgetKind::HeadKv { .. } => Err(KvError::InvalidConfig {
+                field: "head_importance",
+                reason: "the headkv budget needs the model's head-importance artefact \
+                         (EvictConfig::with_head_importance)"
+                    .into(),
+            }),
+        }
+    }
+
+    /// The allocator for this kind fitted to `scorer`: as [`BudgetKind::allocator`] with the
+    /// scorer's window, and for [`BudgetKind::Coverage`] the scorer's always-kept tokens
+    /// pinned and its normalisation ([`CoverageBudget::for_scorer`]).
+    ///
+    /// # Errors
+    /// As [`BudgetKind::allocator`].
+    pub fn allocator_for(
+        self,
+        ratio: f64,
+        scorer: &crate::ScorerConfig,
+    ) -> Result<Box<dyn BudgetAllocator>> {
+        match self {
+            BudgetKind::Coverage { mass } => {
+                Ok(Box::new(CoverageBudget::for_scorer(mass, scorer)?))
+            }
+            other => other.allocator(ratio, scorer.needs().window),
         }
     }
 }

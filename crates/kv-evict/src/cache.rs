@@ -10,6 +10,7 @@ use kv_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::budget::{BudgetAllocator, BudgetContext, BudgetKind, check_ratio};
+use crate::headkv::{HeadImportance, HeadKvBudget};
 use crate::score::{self, QueryMoments, to_host};
 use crate::scorer::ScorerConfig;
 use crate::select::keep_lists;
@@ -44,10 +45,69 @@ pub struct EvictConfig {
     /// they are counted as held metadata.
     #[serde(default)]
     pub keep_scores: bool,
+    /// Periodic compression while decoding (kvpress's `DecodingPress`); `None` (the default):
+    /// decode tokens are kept uncompressed.
+    #[serde(default)]
+    pub decode: Option<DecodeCompression>,
+    /// Per-head importance of the model, required by [`BudgetKind::HeadKv`] (the calibration
+    /// artefact, checked against `shape` and `num_layers` at `init`).
+    #[serde(default)]
+    pub head_importance: Option<HeadImportance>,
 }
 
 fn one() -> usize {
     1
+}
+
+/// Periodic decode-time compression (kvpress `DecodingPress`, for long generations): every
+/// `every` decode steps the scorer runs again over everything held, from the queries attended
+/// since the previous compression (the observation window of the most recent queries), and
+/// every stream keeps its best `target` tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeCompression {
+    /// Decode steps (attention calls after `end_prefill`) between compressions
+    /// (`compression_interval`, kvpress default 512).
+    pub every: usize,
+    /// Tokens per (sequence, KV head) kept by each compression (`target_size`, kvpress
+    /// default 2048).
+    pub target: usize,
+}
+
+impl DecodeCompression {
+    /// Parameter names accepted by [`DecodeCompression::from_params`].
+    pub const PARAMS: &'static [&'static str] = &["decode_every", "decode_target"];
+
+    /// `decode_every` and `decode_target` from `key=value` parameters; other keys are ignored
+    /// (they belong to the scorer). `None` when `decode_every` is absent; `decode_target`
+    /// defaults to kvpress's 2048.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`] for a malformed value, or `decode_target` without
+    /// `decode_every`.
+    pub fn from_params<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Option<Self>> {
+        let (mut every, mut target) = (None, None);
+        for (k, v) in params {
+            match k {
+                "decode_every" => every = Some(crate::scorer::parse("decode_every", v)?),
+                "decode_target" => target = Some(crate::scorer::parse("decode_target", v)?),
+                _ => {}
+            }
+        }
+        match (every, target) {
+            (Some(every), target) => Ok(Some(DecodeCompression {
+                every,
+                target: target.unwrap_or(2048),
+            })),
+            (None, Some(_)) => Err(KvError::InvalidConfig {
+                field: "decode_target",
+                reason: "given without decode_every".into(),
+            }),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 impl EvictConfig {
@@ -63,6 +123,8 @@ impl EvictConfig {
             layer: 0,
             num_layers: 1,
             keep_scores: false,
+            decode: None,
+            head_importance: None,
         }
     }
     /// Sets the model's RoPE.
@@ -91,13 +153,26 @@ impl EvictConfig {
         self.keep_scores = true;
         self
     }
+    /// Sets the head-importance artefact (for [`BudgetKind::HeadKv`]).
+    pub fn with_head_importance(mut self, importance: HeadImportance) -> Self {
+        self.head_importance = Some(importance);
+        self
+    }
+    /// Compresses again every `every` decode steps down to `target` tokens per stream.
+    pub fn with_decode_compression(mut self, every: usize, target: usize) -> Self {
+        self.decode = Some(DecodeCompression { every, target });
+        self
+    }
 
     /// Validates the config and builds the cache.
     ///
     /// # Errors
     /// [`KvError::InvalidConfig`]: a ratio outside `[0, 1)`, bad scorer or budget parameters,
     /// a layer index not below `num_layers`, a missing or mismatched RoPE for
-    /// `expected_attention`.
+    /// `expected_attention`, a decode compression that cannot work (see
+    /// [`DecodeCompression`]: `every` and `target` at least 1, `every` at least the scorer's
+    /// window, `target` above the scorer's minimum prompt, a budget that leaves every head of
+    /// a sequence the same length, a scorer other than `observed_attention`).
     pub fn init(&self, device: &Device) -> Result<EvictingCache> {
         check_ratio(self.ratio)?;
         self.scorer.validate()?;
@@ -135,9 +210,31 @@ impl EvictConfig {
                 ),
             });
         }
-        let allocator = self
-            .budget
-            .allocator(self.ratio, self.scorer.needs().window)?;
+        if let Some(dc) = self.decode {
+            self.check_decode(dc)?;
+        }
+        let allocator: Box<dyn BudgetAllocator> = match self.budget {
+            BudgetKind::HeadKv { beta, temp } => {
+                let imp = self
+                    .head_importance
+                    .as_ref()
+                    .ok_or(KvError::InvalidConfig {
+                        field: "head_importance",
+                        reason: "the headkv budget needs the model's head-importance artefact"
+                            .into(),
+                    })?;
+                imp.check_model(self.num_layers, &self.shape)?;
+                Box::new(HeadKvBudget::new(
+                    imp,
+                    self.layer,
+                    self.ratio,
+                    self.scorer.needs().window,
+                    beta,
+                    temp,
+                )?)
+            }
+            other => other.allocator_for(self.ratio, &self.scorer)?,
+        };
         let inner = RaggedCacheConfig::new(self.shape)
             .with_dtype(self.dtype)
             .init(device)?;
@@ -150,7 +247,68 @@ impl EvictConfig {
             obs: Observations::default(),
             scores: Vec::new(),
             outcome: None,
+            last_seen: vec![None; self.shape.batch()],
+            decode_steps: 0,
+            decode_compressions: 0,
         })
+    }
+
+    fn check_decode(&self, dc: DecodeCompression) -> Result<()> {
+        let needs = self.scorer.needs();
+        let bad =
+            |field: &'static str, reason: String| Err(KvError::InvalidConfig { field, reason });
+        if dc.every == 0 {
+            return bad("decode_every", "must be at least 1 decode step".into());
+        }
+        if dc.target == 0 {
+            return bad("decode_target", "must keep at least 1 token".into());
+        }
+        if dc.every < needs.window {
+            return bad(
+                "decode_every",
+                format!(
+                    "{} steps would not refill `{}`'s window of {} queries between compressions",
+                    dc.every,
+                    self.scorer.name(),
+                    needs.window
+                ),
+            );
+        }
+        if dc.target <= needs.min_prompt {
+            return bad(
+                "decode_target",
+                format!(
+                    "`{}` needs more than {} held tokens to score; target {} is too small",
+                    self.scorer.name(),
+                    needs.min_prompt,
+                    dc.target
+                ),
+            );
+        }
+        if needs.column_sums {
+            return bad(
+                "decode_every",
+                format!(
+                    "`{}` scores by the attention of every query since position 0; it cannot \
+                     rescore a decoded cache",
+                    self.scorer.name()
+                ),
+            );
+        }
+        if matches!(
+            self.budget,
+            BudgetKind::AdaKv { .. } | BudgetKind::Coverage { .. } | BudgetKind::HeadKv { .. }
+        ) {
+            return bad(
+                "decode_every",
+                format!(
+                    "the `{}` budget leaves the heads of a sequence with different lengths; \
+                     decode compression rescores whole sequences (use uniform or pyramid)",
+                    self.budget.name()
+                ),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -238,6 +396,12 @@ pub struct EvictingCache {
     obs: Observations,
     scores: Vec<Vec<f32>>,
     outcome: Option<EvictOutcome>,
+    /// The last position appended per sequence (compression may drop it).
+    last_seen: Vec<Option<u32>>,
+    /// Decode attention calls since `end_prefill` or the last decode compression.
+    decode_steps: usize,
+    /// Decode compressions run so far.
+    decode_compressions: usize,
 }
 
 impl EvictingCache {
@@ -265,6 +429,39 @@ impl EvictingCache {
     /// tokens (empty unless [`EvictConfig::keep_scores`]).
     pub fn last_scores(&self) -> &[Vec<f32>] {
         &self.scores
+    }
+
+    /// Decode-time compressions run since the last [`reset`](KvCache::reset).
+    pub fn decode_compressions(&self) -> usize {
+        self.decode_compressions
+    }
+
+    /// Decode steps counted towards the next decode-time compression.
+    pub fn decode_steps(&self) -> usize {
+        self.decode_steps
+    }
+
+    /// Runs a decode-time compression now: rescores everything held from the queries recorded
+    /// since the previous compression and keeps `target` tokens per stream. Returns whether
+    /// anything was evicted.
+    fn compress_decoded(&mut self, target: usize) -> Result<bool> {
+        let held = self.inner.lengths().held;
+        if held.iter().all(|&n| n <= target) {
+            self.obs = Observations::default();
+            return Ok(false);
+        }
+        let Some(scores) = self.compute_scores(&held, Some(target))? else {
+            return Ok(false);
+        };
+        let budgets: Vec<usize> = held.iter().map(|&n| n.min(target)).collect();
+        let keep = keep_lists(&scores, &budgets);
+        self.inner.retain(&keep)?;
+        if self.config.keep_scores {
+            self.scores = scores;
+        }
+        self.obs = Observations::default();
+        self.decode_compressions += 1;
+        Ok(true)
     }
 
     fn record(&mut self, query: &Query, col_sums: Option<Tensor<4>>) {
@@ -349,7 +546,13 @@ impl EvictingCache {
     }
 
     /// Scores every stream; `Ok(None)` when the scorer needs queries and none were seen.
-    fn compute_scores(&mut self, held: &[usize]) -> Result<Option<Vec<Vec<f32>>>> {
+    /// `target` is the number of tokens kept per stream when known (decode compression), else
+    /// the ratio's `floor(n (1 - ratio))` (StreamingLLM's scores depend on it).
+    fn compute_scores(
+        &mut self,
+        held: &[usize],
+        target: Option<usize>,
+    ) -> Result<Option<Vec<Vec<f32>>>> {
         const OP: &str = "EvictingCache::end_prefill";
         let s = self.config.shape;
         let (kvh, g, d) = (s.kv_heads(), s.group(), s.head_dim());
@@ -428,9 +631,10 @@ impl EvictingCache {
             let scores: Tensor<3> = match self.config.scorer {
                 ScorerConfig::Knorm => score::knorm(kv().0),
                 ScorerConfig::KeyDiff => score::keydiff(kv().0),
-                ScorerConfig::StreamingLlm { n_sink } => {
-                    score::streaming_llm(1, kvh, n, n_sink, self.config.ratio, &device)
-                }
+                ScorerConfig::StreamingLlm { n_sink } => match target {
+                    None => score::streaming_llm(1, kvh, n, n_sink, self.config.ratio, &device),
+                    Some(t) => score::streaming_llm_kept(1, kvh, n, n_sink, t, &device),
+                },
                 ScorerConfig::SnapKv {
                     window,
                     kernel,
@@ -554,7 +758,27 @@ impl KvCache for EvictingCache {
     }
 
     fn append(&mut self, block: KvBlock) -> Result<()> {
-        self.inner.append(block)
+        const OP: &str = "EvictingCache::append";
+        let s = self.config.shape;
+        // Validate before a pending decode compression, so that a bad block leaves the cache
+        // unchanged.
+        kv_core::check_block(&s, &block, OP)?;
+        kv_core::check_positions(block.positions(), s.batch(), &self.last_seen, OP)?;
+        let newest = crate::scissorhands::newest_positions(&block, s.batch());
+        if let Some(dc) = self.config.decode
+            && self.compressed
+            && self.decode_steps >= dc.every
+        {
+            self.compress_decoded(dc.target)?;
+            self.decode_steps = 0;
+        }
+        self.inner.append(block)?;
+        for (seen, new) in self.last_seen.iter_mut().zip(newest) {
+            if new.is_some() {
+                *seen = new;
+            }
+        }
+        Ok(())
     }
 
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> Result<Attended> {
@@ -572,6 +796,9 @@ impl KvCache for EvictingCache {
                 None
             };
             self.record(query, cols);
+        } else if self.config.decode.is_some() {
+            self.record(query, None);
+            self.decode_steps += 1;
         }
         if !stats.column_sums {
             out.stats.column_sums = None;
@@ -591,13 +818,14 @@ impl KvCache for EvictingCache {
                 what: "prompt (nothing was appended before end_prefill)",
             });
         }
-        if self.config.ratio == 0.0 {
+        let coverage = matches!(self.config.budget, BudgetKind::Coverage { .. });
+        if self.config.ratio == 0.0 && !coverage {
             self.finish(EvictOutcome::Skipped {
                 reason: "ratio 0 removes nothing",
             });
             return Ok(());
         }
-        let Some(scores) = self.compute_scores(&lengths.held)? else {
+        let Some(scores) = self.compute_scores(&lengths.held, None)? else {
             self.finish(EvictOutcome::Skipped {
                 reason: "the scorer needs prefill queries and none was attended",
             });
@@ -651,6 +879,9 @@ impl KvCache for EvictingCache {
         self.compressed = false;
         self.scores = Vec::new();
         self.outcome = None;
+        self.last_seen = vec![None; self.config.shape.batch()];
+        self.decode_steps = 0;
+        self.decode_compressions = 0;
     }
 }
 

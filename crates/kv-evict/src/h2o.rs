@@ -47,7 +47,7 @@ impl TokenBudget {
         Ok(b)
     }
 
-    fn validate(self, field: &'static str) -> Result<()> {
+    pub(crate) fn validate(self, field: &'static str) -> Result<()> {
         match self {
             TokenBudget::Ratio(r) if !(0.0..=1.0).contains(&r) => Err(KvError::InvalidConfig {
                 field,
@@ -65,7 +65,7 @@ impl TokenBudget {
         }
     }
 
-    fn is_ratio(self) -> bool {
+    pub(crate) fn is_ratio(self) -> bool {
         matches!(self, TokenBudget::Ratio(_))
     }
 }

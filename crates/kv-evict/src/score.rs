@@ -94,7 +94,27 @@ pub fn streaming_llm(
     ratio: f64,
     device: &Device,
 ) -> Tensor<3> {
-    let n_pruned = n - crate::budget::kept_for(n, ratio);
+    streaming_llm_kept(
+        batch,
+        kv_heads,
+        n,
+        n_sink,
+        crate::budget::kept_for(n, ratio),
+        device,
+    )
+}
+
+/// [`streaming_llm`] for a given number of kept tokens (`n_pruned = n - kept`), as used by
+/// decode-time compression to a target size.
+pub fn streaming_llm_kept(
+    batch: usize,
+    kv_heads: usize,
+    n: usize,
+    n_sink: usize,
+    kept: usize,
+    device: &Device,
+) -> Tensor<3> {
+    let n_pruned = n - kept.min(n);
     let row: Vec<f32> = (0..n)
         .map(|j| {
             if j >= n_sink && j < n_sink + n_pruned {

@@ -117,14 +117,14 @@ pub const PARAMS: &[(&str, &[&str])] = &[
     ),
 ];
 
-fn parse<T: core::str::FromStr>(field: &'static str, v: &str) -> Result<T> {
+pub(crate) fn parse<T: core::str::FromStr>(field: &'static str, v: &str) -> Result<T> {
     v.parse().map_err(|_| KvError::InvalidConfig {
         field,
         reason: format!("`{v}` is not a valid value"),
     })
 }
 
-fn parse_gqa(v: &str) -> Result<GqaReduce> {
+pub(crate) fn parse_gqa(v: &str) -> Result<GqaReduce> {
     GqaReduce::parse(v).ok_or_else(|| KvError::InvalidConfig {
         field: "gqa",
         reason: format!("`{v}` is not one of mean, max, sum"),

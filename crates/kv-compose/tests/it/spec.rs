@@ -173,6 +173,12 @@ fn methods_and_pipelines_build_and_name_bad_params() {
         "h2o:heavy=16,recent=16,gqa=max",
         "snapkv:ratio=0.5,window=4|kivi:bits=4,group=4,residual=8",
         "knorm|dense_fp16|evicted=kivi:bits=2,group=4,residual=4",
+        "scissorhands:budget=16",
+        "keyformer",
+        "coverage:mass=0.8,scorer=knorm|kivi:group=4,residual=8",
+        "quest:budget=16,page=4",
+        "snapkv:decode_every=8,decode_target=16,window=4",
+        "leankv:scorer=knorm,group=4,residual=8",
     ] {
         let caches = build(ok).unwrap_or_else(|e| panic!("{ok}: {e}"));
         assert_eq!(caches.len(), 3, "{ok}");
@@ -194,6 +200,8 @@ fn methods_and_pipelines_build_and_name_bad_params() {
         ("h2o:ratio=0.5", "ratio", "stages[0]"),
         ("adakv_snapkv:scorer=knorm", "scorer", "stages[0]"),
         ("snapkv|kivi:bits=9", "bits", "stages[1]"),
+        ("headkv:artefact=/nonexistent", "artefact", "stages[0]"),
+        ("quest", "budget", "stages[0]"),
         ("snapkv|kivi:group=5", "group", "stages[1]"),
         (
             "snapkv|kivi:group=4,residual=8|evicted=kivi:group=4,residual=3",
@@ -209,6 +217,16 @@ fn methods_and_pipelines_build_and_name_bad_params() {
             }
             other => panic!("{bad}: expected a bad `{param}` at {at}, got {other:?}"),
         }
+    }
+    // The shipped HeadKV artefact is SmolLM2's: another model's shape is refused by name.
+    let e = build("headkv").expect_err("artefact of another model");
+    assert!(e.to_string().contains("headkv"), "{e}");
+    // Decode-time re-selection needs the selection's own storage, which a codec replaces.
+    match build("snapkv:decode_every=8,decode_target=16|kivi:group=4,residual=8") {
+        Err(ComposeError::Conflict { reason, .. }) => {
+            assert!(reason.contains("decode"), "{reason}")
+        }
+        other => panic!("expected a conflict, got {other:?}"),
     }
 }
 
@@ -247,6 +265,7 @@ fn presets_expand_to_their_papers_stages() {
         ("minikv:bits=two", "bits"),
         ("mikv:high=fp8", "high"),
         ("mikv:window=3", "window"),
+        ("leankv:precision=k2v8", "precision"),
     ] {
         match plan(&PipelineSpec::parse_line(bad).expect("parse")) {
             Err(ComposeError::BadParam { param: p, at, .. }) => {
@@ -255,6 +274,14 @@ fn presets_expand_to_their_papers_stages() {
             other => panic!("{bad}: {other:?}"),
         }
     }
+    assert_eq!(
+        expand("leankv"),
+        "coverage:mass=0.9,scorer=observed_attention|kivi:group=32,key_bits=8,residual=128,value_bits=4"
+    );
+    assert_eq!(
+        expand("leankv:precision=k4v2,mass=0.8,scorer=snapkv"),
+        "coverage:mass=0.8,scorer=snapkv|kivi:group=32,key_bits=4,residual=128,value_bits=2"
+    );
     let e = plan(&PipelineSpec::parse_line("minikv|kivi").expect("parse")).expect_err("alone");
     assert!(e.to_string().contains("preset"), "{e}");
 }

@@ -138,10 +138,15 @@ fn run(raw: &[String]) -> Result<()> {
                     if e.takes_ratio {
                         p.insert(0, "ratio");
                     }
-                    vec![e.name.to_owned(), p.join(","), e.summary.to_owned()]
+                    vec![
+                        e.name.to_owned(),
+                        e.builder.role().to_owned(),
+                        p.join(","),
+                        e.summary.to_owned(),
+                    ]
                 })
                 .collect();
-            println!("{}", table(&["method", "params", "what"], &rows));
+            println!("{}", table(&["method", "role", "params", "what"], &rows));
             Ok(())
         }
         "help" | "--help" | "-h" => {
@@ -440,7 +445,10 @@ fn cmd_compare(args: &Args) -> Result<()> {
             let reg = method::registry();
             DEFAULT_COMPARE
                 .iter()
-                .filter(|s| reg.iter().any(|e| s.split(':').next() == Some(e.name)))
+                .filter(|s| {
+                    s.split('|')
+                        .all(|st| reg.iter().any(|e| st.split(':').next() == Some(e.name)))
+                })
                 .map(|s| (*s).to_owned())
                 .collect()
         }
@@ -468,7 +476,7 @@ fn cmd_compare(args: &Args) -> Result<()> {
 
 /// What `compare` runs without `--methods`: the full cache and one representative setting of
 /// each method family (the registered ones among these).
-const DEFAULT_COMPARE: [&str; 8] = [
+const DEFAULT_COMPARE: [&str; 9] = [
     "full",
     "snapkv:ratio=0.5",
     "streaming_llm:ratio=0.5",
@@ -477,6 +485,8 @@ const DEFAULT_COMPARE: [&str; 8] = [
     "kivi:bits=4",
     "kivi:bits=2",
     "q4_0",
+    // The pipeline that stores >= 10x fewer bytes than fp16 within +3% (docs/techniques/compose.md).
+    "snapkv:ratio=0.75|kivi:bits=4",
 ];
 
 const METHOD_OPTS: [&str; 5] = ["method", "ratio", "param", "pipeline", "config"];
@@ -669,13 +679,24 @@ fn cmd_speed(args: &Args) -> Result<()> {
 fn cmd_sweep(args: &Args) -> Result<()> {
     let mut known = COMMON.to_vec();
     known.extend([
-        "prefill", "score", "protocol", "methods", "ratios", "windows", "out",
+        "prefill", "score", "protocol", "methods", "ratios", "windows", "out", "replot",
     ]);
     args.check_known(&known)?;
     let out = PathBuf::from(
         args.get("out")
             .ok_or_else(|| EvalError::Usage(format!("--out DIR is required\n\n{USAGE}")))?,
     );
+    if args.flag("replot") {
+        // Re-render the table and plot from DIR/sweep.json without running anything.
+        let path = out.join("sweep.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| EvalError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        let reports: Vec<PplReport> = serde_json::from_str(&text)
+            .map_err(|e| EvalError::Usage(format!("{}: {e}", path.display())))?;
+        return write_sweep(&out, &reports);
+    }
     let start_at = args
         .get("start-at")
         .unwrap_or("It is a truth universally")
@@ -710,7 +731,16 @@ fn cmd_sweep(args: &Args) -> Result<()> {
         }
     }
     let (reports, _, _) = run_specs(args, grid, &start_at, protocol, prefill, score)?;
+    write_sweep(&out, &reports)
+}
+
+/// Writes `DIR/sweep.{svg,png,md,json}` from sweep results (the first report is the full
+/// cache).
+fn write_sweep(out: &std::path::Path, reports: &[PplReport]) -> Result<()> {
     let full = reports.first().map(|r| r.ppl);
+    let (protocol, prefill, score) = reports
+        .first()
+        .map_or((Protocol::A, 0, 0), |r| (r.protocol, r.prefill, r.score));
     let rows: Vec<Vec<String>> = reports.iter().map(|r| ppl_row(r, full)).collect();
     let tbl = table(&PPL_HEADER, &rows);
     println!("{tbl}");
@@ -747,8 +777,8 @@ fn cmd_sweep(args: &Args) -> Result<()> {
         series,
         reference: full.map(|f| (format!("full cache {f:.3}"), f)),
     };
-    std::fs::create_dir_all(&out).map_err(|e| EvalError::Io {
-        path: out.clone(),
+    std::fs::create_dir_all(out).map_err(|e| EvalError::Io {
+        path: out.to_path_buf(),
         source: e,
     })?;
     let write = |name: &str, bytes: &[u8]| {
@@ -759,7 +789,7 @@ fn cmd_sweep(args: &Args) -> Result<()> {
     write("sweep.png", &plot.to_png()?)?;
     write("sweep.md", format!("```\n{tbl}\n```\n").as_bytes())?;
     let json =
-        serde_json::to_string_pretty(&reports).map_err(|e| EvalError::Usage(e.to_string()))?;
+        serde_json::to_string_pretty(reports).map_err(|e| EvalError::Usage(e.to_string()))?;
     write("sweep.json", json.as_bytes())?;
     eprintln!("wrote sweep.{{svg,png,md,json}} to {}", out.display());
     Ok(())

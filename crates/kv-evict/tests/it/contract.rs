@@ -110,3 +110,89 @@ kv_testkit::kv_cache_contract!(h2o_fractions, |d: &Device| -> Box<dyn KvCache> {
             .expect("init"),
     )
 });
+kv_testkit::kv_cache_contract!(scissorhands_tokens, |d: &Device| -> Box<dyn KvCache> {
+    let mut cfg = kv_evict::ScissorhandsConfig::new(shape(), kv_evict::TokenBudget::Tokens(5));
+    cfg.n_sink = 1;
+    cfg.recent = 2;
+    cfg.history = 3;
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(
+    scissorhands_fraction_raw,
+    |d: &Device| -> Box<dyn KvCache> {
+        let mut cfg = kv_evict::ScissorhandsConfig::new(shape(), kv_evict::TokenBudget::Ratio(0.6));
+        cfg.n_sink = 1;
+        cfg.recent = 2;
+        cfg.threshold = false;
+        Box::new(cfg.init(d).expect("init"))
+    }
+);
+kv_testkit::kv_cache_contract!(keyformer_tokens, |d: &Device| -> Box<dyn KvCache> {
+    let mut cfg = kv_evict::KeyformerConfig::new(shape(), kv_evict::TokenBudget::Tokens(5));
+    cfg.recent = 0.4;
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(keyformer_fraction, |d: &Device| -> Box<dyn KvCache> {
+    Box::new(
+        kv_evict::KeyformerConfig::new(shape(), kv_evict::TokenBudget::Ratio(0.6))
+            .init(d)
+            .expect("init"),
+    )
+});
+kv_testkit::kv_cache_contract!(coverage_snapkv, |d: &Device| -> Box<dyn KvCache> {
+    let scorer = ScorerConfig::SnapKv {
+        window: 2,
+        kernel: 3,
+        gqa: GqaReduce::Mean,
+    };
+    let cfg = EvictConfig::new(shape(), 0.5, scorer)
+        .with_budget(kv_evict::BudgetKind::Coverage { mass: 0.7 });
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(coverage_knorm, |d: &Device| -> Box<dyn KvCache> {
+    let cfg = EvictConfig::new(shape(), 0.5, ScorerConfig::Knorm)
+        .with_budget(kv_evict::BudgetKind::Coverage { mass: 0.5 });
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(decode_compression_knorm, |d: &Device| -> Box<dyn KvCache> {
+    let cfg = EvictConfig::new(shape(), 0.5, ScorerConfig::Knorm).with_decode_compression(1, 3);
+    Box::new(cfg.init(d).expect("init"))
+});
+kv_testkit::kv_cache_contract!(
+    decode_compression_snapkv,
+    |d: &Device| -> Box<dyn KvCache> {
+        let scorer = ScorerConfig::SnapKv {
+            window: 1,
+            kernel: 1,
+            gqa: GqaReduce::Mean,
+        };
+        let cfg = EvictConfig::new(shape(), 0.5, scorer).with_decode_compression(1, 3);
+        Box::new(cfg.init(d).expect("init"))
+    }
+);
+kv_testkit::kv_cache_contract!(headkv_snapkv, |d: &Device| -> Box<dyn KvCache> {
+    let scorer = ScorerConfig::SnapKv {
+        window: 2,
+        kernel: 3,
+        gqa: GqaReduce::Mean,
+    };
+    let importance = kv_evict::HeadImportance {
+        format: kv_evict::HEAD_IMPORTANCE_FORMAT.into(),
+        version: kv_evict::HEAD_IMPORTANCE_VERSION,
+        model: "synthetic".into(),
+        num_layers: 1,
+        q_heads: 6,
+        kv_heads: 2,
+        head_dim: 8,
+        method: "hand-written".into(),
+        trials: 1,
+        scores: vec![vec![0.1, 0.2, 0.0, 0.9, 0.5, 0.4]],
+    };
+    let cfg = EvictConfig::new(shape(), 0.4, scorer)
+        .with_budget(kv_evict::BudgetKind::HeadKv {
+            beta: 2.0,
+            temp: 1.0,
+        })
+        .with_head_importance(importance);
+    Box::new(cfg.init(d).expect("init"))
+});

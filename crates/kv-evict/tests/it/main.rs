@@ -4,7 +4,11 @@
 mod budgets;
 mod cases;
 mod contract;
+mod coverage;
 mod eviction;
 mod fixtures;
 mod h2o;
+mod headkv;
+mod keyformer;
+mod scissorhands;
 mod streaming;
