@@ -30,6 +30,10 @@ pub enum Plan {
     },
 }
 
+/// Codecs whose storage layout is decided by the queries attended during prefill (ThinK's
+/// channel scores, Double Sparsity's label channels).
+const NEEDS_PREFILL_QUERIES: &[&str] = &["think", "double_sparsity"];
+
 fn name_at(i: usize, spec: &MethodSpec) -> String {
     format!("stages[{i}] `{}`", spec.name)
 }
@@ -126,6 +130,27 @@ pub fn plan(spec: &PipelineSpec) -> Result<Plan> {
             _ => unreachable!("`full` is a codec"),
         }
     };
+    // Codecs that choose their layout from the prompt's queries see none after a hand-over.
+    let after_selection = spec.stages.len() == 2 || evicted.is_some();
+    for (at, s) in spec
+        .stages
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, s)| (format!("stages[{i}]"), s))
+        .chain(spec.evicted.iter().map(|s| ("evicted".to_owned(), s)))
+    {
+        if after_selection && NEEDS_PREFILL_QUERIES.contains(&s.name.as_str()) {
+            return Err(ComposeError::Conflict {
+                stages: format!("stages[0] `{}` and {at} `{}`", spec.stages[0].name, s.name),
+                reason: format!(
+                    "`{}` chooses what to store from the prompt's queries, which it never sees \
+                     when it receives a selection's survivors at the end of prefill; use it alone",
+                    s.name
+                ),
+            });
+        }
+    }
     match (spec.stages.as_slice(), entries.as_slice()) {
         ([s], [e]) => match (e.builder, evicted) {
             (Builder::Selection(f), Some(ev)) => Ok(Plan::Stack {

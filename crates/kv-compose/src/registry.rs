@@ -403,6 +403,43 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Codec(build_clusterkv),
         },
+        // kv-lowrank: channel / feature-dimension reduction (docs/techniques/lowrank.md).
+        MethodEntry {
+            name: "think",
+            summary: "ThinK: prune the key channels of the prefill that the last 32 queries use \
+                      least (ratio = fraction of channels removed, default 0.4); the last \
+                      `recent` (32) tokens keep all channels",
+            params: kv_lowrank::ThinkConfig::PARAMS,
+            takes_ratio: true,
+            builder: Builder::Codec(build_think),
+        },
+        MethodEntry {
+            name: "loki",
+            summary: "Loki: keys in a calibrated PCA basis; each query keeps the top_k keys \
+                      (default 0.25 of them) by scores on the first `rank` dims (default d/4) \
+                      and attends exactly over them; needs calibration=PATH (kv-eval calibrate)",
+            params: kv_lowrank::LokiConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_loki),
+        },
+        MethodEntry {
+            name: "eigen",
+            summary: "Eigen Attention (no fine-tuning): keys/queries and values projected on \
+                      calibrated PCA bases (rank_k, rank_v, default d/2), attention in the \
+                      low-rank space; needs calibration=PATH (kv-eval calibrate)",
+            params: kv_lowrank::EigenConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_eigen),
+        },
+        MethodEntry {
+            name: "palu",
+            summary: "Palu (per-head, no training): pre-RoPE key and value latents on \
+                      calibrated PCA bases (rank_k, rank_v, default d/2), keys rebuilt and \
+                      rotated when attending; needs calibration=PATH (kv-eval calibrate)",
+            params: kv_lowrank::PaluConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_palu),
+        },
         // kv-quant: QJL (1-bit JL sketch of keys, scores from the bits; KIVI-style values).
         MethodEntry {
             name: "qjl",
@@ -803,5 +840,54 @@ fn build_clusterkv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCac
         spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
     .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// The `key=value` parameters of a spec as string pairs (kv-lowrank's `from_params`).
+fn lowrank_params(spec: &MethodSpec) -> impl Iterator<Item = (&str, &str)> + '_ {
+    spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
+/// One layer's ThinK cache (kv-lowrank); the stage's ratio is `λ`, the fraction of key
+/// channels removed (0.4 when not given).
+fn build_think(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let mut cfg =
+        kv_lowrank::ThinkConfig::from_params(cx.shape, lowrank_params(spec)).map_err(&bad)?;
+    if let Some(r) = spec.ratio {
+        cfg.pruning_ratio = r;
+    }
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's Loki cache (kv-lowrank): `calibration=PATH` is a `kv-eval calibrate` artefact.
+fn build_loki(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::LokiConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
+        .map_err(&bad)?
+        .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's Eigen Attention cache (kv-lowrank): `calibration=PATH` as for Loki.
+fn build_eigen(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::EigenConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
+        .map_err(&bad)?
+        .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's Palu cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` as for Loki.
+fn build_palu(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::PaluConfig::from_params(
+        cx.shape,
+        cx.layer,
+        cx.rope.clone(),
+        lowrank_params(spec),
+    )
+    .map_err(&bad)?
+    .with_num_layers(cx.num_layers);
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }

@@ -6,6 +6,7 @@
 //! which lists what the technique crates provide.
 
 pub mod assets;
+pub mod calibrate;
 mod error;
 pub mod fidelity;
 pub mod kept;

@@ -124,6 +124,8 @@ fn stage_orders_that_cannot_work_are_rejected_with_both_names() {
     assert!(e.contains("`h2o`") && e.contains("decode-time"), "{e}");
     let e = conflict("kivi|evicted=kivi:bits=2");
     assert!(e.contains("needs a selection"), "{e}");
+    let e = conflict("snapkv:ratio=0.75|think");
+    assert!(e.contains("`think`") && e.contains("queries"), "{e}");
     let e = conflict("snapkv|kivi|evicted=knorm");
     assert!(e.contains("must be a codec"), "{e}");
     for ok in [

@@ -35,6 +35,7 @@ USAGE:
                   --out DIR
   kv-eval speed   [--model PATH] [--text PATH] [--contexts 1024,4096] [--decode N]
                   [--method ... | --pipeline ... | --config ...] [--json OUT]
+  kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--tokens N] [--window N]
   kv-eval methods
 
 Defaults: --model and --text point into the asset folder ($KV_ASSETS_DIR or ./assets, filled
@@ -49,7 +50,7 @@ struct Args {
     switches: Vec<String>,
 }
 
-const SWITCHES: [&str; 1] = ["bos"];
+const SWITCHES: [&str; 2] = ["bos", "replot"];
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self> {
@@ -120,6 +121,10 @@ fn run(raw: &[String]) -> Result<()> {
         println!("{USAGE}");
         return Ok(());
     };
+    // `calibrate` parses its own flags (kv_eval::calibrate).
+    if cmd == "calibrate" {
+        return kv_eval::calibrate::run(&raw[1..]);
+    }
     let args = Args::parse(&raw[1..])?;
     match cmd.as_str() {
         "ppl" => cmd_ppl(&args),

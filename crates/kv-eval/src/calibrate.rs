@@ -1,0 +1,252 @@
+//! `kv-eval calibrate`: runs the model over a calibration text (never the evaluation text),
+//! captures every layer's keys (after and before RoPE), queries and values, and writes the
+//! PCA artefact that the low-rank caches of `kv-lowrank` load (Loki, Eigen Attention).
+//!
+//! Each layer's cache is a [`Capture`]: a full dense cache that feeds what it is given to a
+//! shared [`CovarianceAccumulator`]. The text is cut into windows that run as independent
+//! sequences (positions from 0), so activations come from every context length up to the
+//! window.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use burn::prelude::*;
+use kv_core::{
+    Attended, DenseCache, DenseCacheConfig, HeldBuffer, KvBlock, KvCache, KvShape, KvView,
+    LayerCaches, Lengths, MemoryReport, Query, Rope, StatsRequest,
+};
+use kv_lowrank::{Activation, CovarianceAccumulator};
+
+use crate::{EvalError, Result, assets};
+
+/// The command's usage text.
+pub const USAGE: &str = "\
+kv-eval calibrate: PCA bases of keys, queries and values for kv-lowrank (Loki, Eigen Attention)
+
+USAGE:
+  kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--start-at STR]
+                    [--tokens N] [--window N] [--tokenizer GGUF]
+
+Defaults: the SmolLM2 GGUF of the asset folder, the text of Emma (calibration and evaluation
+texts must differ: evaluation uses Pride and Prejudice), 8192 tokens in windows of 2048.";
+
+/// One layer's capture: a dense cache whose appended keys/values and attended queries are
+/// added to the accumulator.
+#[derive(Debug)]
+struct Capture {
+    inner: DenseCache,
+    layer: usize,
+    rope: Rope,
+    acc: Arc<Mutex<CovarianceAccumulator>>,
+}
+
+impl Capture {
+    fn observe(&self, act: Activation, x: &Tensor<4>) -> kv_core::Result<()> {
+        self.acc
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .observe(self.layer, act, x)
+    }
+}
+
+impl KvCache for Capture {
+    fn shape(&self) -> KvShape {
+        self.inner.shape()
+    }
+    fn device(&self) -> &Device {
+        self.inner.device()
+    }
+    fn append(&mut self, block: KvBlock) -> kv_core::Result<()> {
+        self.observe(Activation::Keys, block.keys())?;
+        let pre = self.rope.unapply(block.keys().clone(), block.positions());
+        self.observe(Activation::KeysPreRope, &pre)?;
+        self.observe(Activation::Values, block.values())?;
+        self.inner.append(block)
+    }
+    fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
+        self.observe(Activation::Queries, query.tensor())?;
+        self.inner.attend(query, stats)
+    }
+    fn view(&self) -> KvView {
+        self.inner.view()
+    }
+    fn lengths(&self) -> Lengths {
+        self.inner.lengths()
+    }
+    fn memory(&self) -> MemoryReport {
+        self.inner.memory()
+    }
+    fn held_buffers(&self) -> Vec<HeldBuffer> {
+        self.inner.held_buffers()
+    }
+    fn reset(&mut self) {
+        self.inner.reset();
+    }
+}
+
+struct Options {
+    out: PathBuf,
+    model: PathBuf,
+    text: PathBuf,
+    start_at: Option<String>,
+    tokenizer: Option<PathBuf>,
+    tokens: usize,
+    window: usize,
+}
+
+fn parse(raw: &[String]) -> Result<Options> {
+    let mut o = Options {
+        out: PathBuf::new(),
+        model: assets::default_model_path(),
+        text: assets::book_path("emma"),
+        start_at: None,
+        tokenizer: None,
+        tokens: 8192,
+        window: 2048,
+    };
+    let mut it = raw.iter();
+    while let Some(flag) = it.next() {
+        let value = it
+            .next()
+            .ok_or_else(|| EvalError::Usage(format!("{flag} needs a value\n\n{USAGE}")))?;
+        let count = |v: &str| {
+            v.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(|| EvalError::Usage(format!("{flag} `{v}` is not a positive count")))
+        };
+        match flag.as_str() {
+            "--out" => o.out = PathBuf::from(value),
+            "--model" => o.model = PathBuf::from(value),
+            "--text" => o.text = PathBuf::from(value),
+            "--start-at" => o.start_at = Some(value.clone()),
+            "--tokenizer" => o.tokenizer = Some(PathBuf::from(value)),
+            "--tokens" => o.tokens = count(value)?,
+            "--window" => o.window = count(value)?,
+            _ => {
+                return Err(EvalError::Usage(format!(
+                    "unknown option {flag}\n\n{USAGE}"
+                )));
+            }
+        }
+    }
+    if o.out.as_os_str().is_empty() {
+        return Err(EvalError::Usage(format!("--out is required\n\n{USAGE}")));
+    }
+    if o.text.file_stem().and_then(|s| s.to_str()) == Some("prideprejudice") {
+        return Err(EvalError::Usage(
+            "Pride and Prejudice is the evaluation text: calibrate on another book (Emma)".into(),
+        ));
+    }
+    Ok(o)
+}
+
+/// Runs `kv-eval calibrate` with the arguments after the command name.
+///
+/// # Errors
+/// Usage errors, model and text loading, cache errors, writing the artefact.
+pub fn run(raw: &[String]) -> Result<()> {
+    if raw.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let o = parse(raw)?;
+    let device = kv_testkit::test_device();
+    let t0 = Instant::now();
+    let loaded = assets::load_model(&o.model, o.tokenizer.as_deref(), &device)?;
+    let text = assets::read_text(&o.text, o.start_at.as_deref())?;
+    // BPE cost is linear in the text: tokenize a generous prefix only.
+    let cut = text
+        .char_indices()
+        .nth(o.tokens * 12)
+        .map_or(text.len(), |(i, _)| i);
+    let ids = loaded.tokenizer.encode(&text[..cut]);
+    if ids.len() < o.tokens {
+        return Err(EvalError::Text(format!(
+            "{} gives {} tokens, {} requested",
+            o.text.display(),
+            ids.len(),
+            o.tokens
+        )));
+    }
+    let model = &loaded.model;
+    let shape = model.kv_shape(1)?;
+    let layers = model.config().num_hidden_layers;
+    let acc = Arc::new(Mutex::new(CovarianceAccumulator::new(layers, shape)));
+    for (w, chunk) in ids[..o.tokens].chunks(o.window).enumerate() {
+        let caches = (0..layers)
+            .map(|layer| {
+                Ok(Box::new(Capture {
+                    inner: DenseCacheConfig::new(shape).init(&device)?,
+                    layer,
+                    rope: model.rope().clone(),
+                    acc: acc.clone(),
+                }) as Box<dyn KvCache>)
+            })
+            .collect::<kv_core::Result<Vec<_>>>()?;
+        let mut caches = LayerCaches::new(caches);
+        let pos: Vec<u32> = (0..chunk.len() as u32).collect();
+        model.forward_hidden(chunk, &pos, 1, &mut caches)?;
+        acc.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add_tokens(chunk.len());
+        eprintln!(
+            "window {w}: {} tokens ({:.1}s)",
+            chunk.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let acc = Arc::try_unwrap(acc)
+        .map_err(|_| EvalError::Usage("capture caches still alive".into()))?
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    let name = |p: &Path| {
+        p.file_name()
+            .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+    };
+    let cal = acc.finish(&name(&o.model), &name(&o.text))?;
+    if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| EvalError::Io {
+            path: dir.into(),
+            source: e,
+        })?;
+    }
+    cal.save(&o.out)?;
+    let m = cal.meta();
+    eprintln!(
+        "wrote {}: {} layers x {} KV heads x head_dim {}, {} tokens of {}, {:?} ({:.1}s)",
+        o.out.display(),
+        m.num_layers,
+        m.kv_heads,
+        m.head_dim,
+        m.tokens,
+        m.source,
+        m.activations,
+        t0.elapsed().as_secs_f64()
+    );
+    // The share of variance in the first quarter of the dimensions, per activation (layer 0 and
+    // the mean over layers): how low-rank the activations are.
+    for act in Activation::ALL {
+        let share = |layer: usize| -> f64 {
+            let mut s = 0.0;
+            for head in 0..m.kv_heads {
+                let ev = cal.eigenvalues(act, layer, head).unwrap_or(&[]);
+                let total: f32 = ev.iter().sum();
+                let top: f32 = ev.iter().take(m.head_dim / 4).sum();
+                s += f64::from(top / total.max(f32::MIN_POSITIVE));
+            }
+            s / m.kv_heads as f64
+        };
+        let mean = (0..m.num_layers).map(share).sum::<f64>() / m.num_layers as f64;
+        println!(
+            "{:>14}: variance in the top {} of {} dims: layer 0 {:.3}, mean over layers {:.3}",
+            act.name(),
+            m.head_dim / 4,
+            m.head_dim,
+            share(0),
+            mean
+        );
+    }
+    Ok(())
+}
