@@ -1,6 +1,8 @@
 //! `kv-eval calibrate`: runs the model over a calibration text (never the evaluation text),
 //! captures every layer's keys (after and before RoPE), queries and values, and writes the
-//! PCA artefact that the low-rank caches of `kv-lowrank` load (Loki, Eigen Attention).
+//! PCA artefact that the low-rank caches of `kv-lowrank` load (Loki, Eigen Attention), and
+//! with `--kvquant FILE` the per-layer KVQuant calibration (thresholds and non-uniform
+//! codebooks from the pre-RoPE keys and the values) that `kvquant:calibration=FILE` loads.
 //!
 //! Each layer's cache is a [`Capture`]: a full dense cache that feeds what it is given to a
 //! shared [`CovarianceAccumulator`]. The text is cut into windows that run as independent
@@ -27,9 +29,12 @@ kv-eval calibrate: PCA bases of keys, queries and values for kv-lowrank (Loki, E
 USAGE:
   kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--start-at STR]
                     [--tokens N] [--window N] [--tokenizer GGUF]
+                    [--kvquant FILE [--kvquant-bits B] [--kvquant-sinks N]]
 
 Defaults: the SmolLM2 GGUF of the asset folder, the text of Emma (calibration and evaluation
-texts must differ: evaluation uses Pride and Prejudice), 8192 tokens in windows of 2048.";
+texts must differ: evaluation uses Pride and Prejudice), 8192 tokens in windows of 2048.
+--kvquant also writes KVQuant's calibration (JSON, one entry per layer) for B-bit codebooks
+(default 4), sparsity threshold 0.99 (1% outliers) and N fp16 sink tokens (default 0).";
 
 /// One layer's capture: a dense cache whose appended keys/values and attended queries are
 /// added to the accumulator.
@@ -39,6 +44,8 @@ struct Capture {
     layer: usize,
     rope: Rope,
     acc: Arc<Mutex<CovarianceAccumulator>>,
+    /// Pre-RoPE keys and values of this window, kept for KVQuant's calibration.
+    keep: Option<Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>>,
 }
 
 impl Capture {
@@ -61,6 +68,11 @@ impl KvCache for Capture {
         self.observe(Activation::Keys, block.keys())?;
         let pre = self.rope.unapply(block.keys().clone(), block.positions());
         self.observe(Activation::KeysPreRope, &pre)?;
+        if let Some(keep) = &self.keep {
+            keep.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((pre.clone(), block.values().clone()));
+        }
         self.observe(Activation::Values, block.values())?;
         self.inner.append(block)
     }
@@ -93,6 +105,9 @@ struct Options {
     tokenizer: Option<PathBuf>,
     tokens: usize,
     window: usize,
+    kvquant: Option<PathBuf>,
+    kvquant_bits: u32,
+    kvquant_sinks: usize,
 }
 
 fn parse(raw: &[String]) -> Result<Options> {
@@ -104,6 +119,9 @@ fn parse(raw: &[String]) -> Result<Options> {
         tokenizer: None,
         tokens: 8192,
         window: 2048,
+        kvquant: None,
+        kvquant_bits: 4,
+        kvquant_sinks: 0,
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -124,6 +142,17 @@ fn parse(raw: &[String]) -> Result<Options> {
             "--tokenizer" => o.tokenizer = Some(PathBuf::from(value)),
             "--tokens" => o.tokens = count(value)?,
             "--window" => o.window = count(value)?,
+            "--kvquant" => o.kvquant = Some(PathBuf::from(value)),
+            "--kvquant-bits" => {
+                o.kvquant_bits = value.parse().ok().filter(|b| (2..=4).contains(b)).ok_or_else(
+                    || EvalError::Usage(format!("--kvquant-bits `{value}` is not 2, 3 or 4")),
+                )?;
+            }
+            "--kvquant-sinks" => {
+                o.kvquant_sinks = value.parse().map_err(|_| {
+                    EvalError::Usage(format!("--kvquant-sinks `{value}` is not a count"))
+                })?;
+            }
             _ => {
                 return Err(EvalError::Usage(format!(
                     "unknown option {flag}\n\n{USAGE}"
@@ -174,7 +203,12 @@ pub fn run(raw: &[String]) -> Result<()> {
     let shape = model.kv_shape(1)?;
     let layers = model.config().num_hidden_layers;
     let acc = Arc::new(Mutex::new(CovarianceAccumulator::new(layers, shape)));
+    // Per layer, the pre-RoPE keys and values of every whole window (KVQuant).
+    let kept: Vec<Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>> = (0..layers)
+        .map(|_| Arc::new(Mutex::new(Vec::new())))
+        .collect();
     for (w, chunk) in ids[..o.tokens].chunks(o.window).enumerate() {
+        let whole = chunk.len() == o.window;
         let caches = (0..layers)
             .map(|layer| {
                 Ok(Box::new(Capture {
@@ -182,6 +216,7 @@ pub fn run(raw: &[String]) -> Result<()> {
                     layer,
                     rope: model.rope().clone(),
                     acc: acc.clone(),
+                    keep: (o.kvquant.is_some() && whole).then(|| kept[layer].clone()),
                 }) as Box<dyn KvCache>)
             })
             .collect::<kv_core::Result<Vec<_>>>()?;
@@ -213,6 +248,9 @@ pub fn run(raw: &[String]) -> Result<()> {
         })?;
     }
     cal.save(&o.out)?;
+    if let Some(path) = &o.kvquant {
+        write_kvquant(path, &kept, &o)?;
+    }
     let m = cal.meta();
     eprintln!(
         "wrote {}: {} layers x {} KV heads x head_dim {}, {} tokens of {}, {:?} ({:.1}s)",
@@ -248,5 +286,49 @@ pub fn run(raw: &[String]) -> Result<()> {
             mean
         );
     }
+    Ok(())
+}
+
+/// Calibrates KVQuant per layer from the captured windows (each window one sequence) and
+/// writes the JSON array `kvquant:calibration=FILE` reads.
+fn write_kvquant(
+    path: &Path,
+    kept: &[Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>],
+    o: &Options,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut layers = Vec::with_capacity(kept.len());
+    for (layer, windows) in kept.iter().enumerate() {
+        let windows = std::mem::take(&mut *windows.lock().unwrap_or_else(PoisonError::into_inner));
+        if windows.is_empty() {
+            return Err(EvalError::Usage(format!(
+                "--kvquant needs at least one whole window of {} tokens",
+                o.window
+            )));
+        }
+        let (ks, vs): (Vec<_>, Vec<_>) = windows.into_iter().unzip();
+        let (k, v) = (Tensor::cat(ks, 0), Tensor::cat(vs, 0));
+        let cal = kv_quant::KvQuantCalibration::calibrate(
+            &k,
+            &v,
+            o.kvquant_bits,
+            0.99,
+            o.kvquant_sinks,
+        )
+        .map_err(|e| EvalError::Usage(format!("KVQuant calibration of layer {layer}: {e}")))?;
+        layers.push(cal);
+    }
+    let json = serde_json::to_string(&layers).map_err(|e| EvalError::Usage(e.to_string()))?;
+    std::fs::write(path, json).map_err(|e| EvalError::Io {
+        path: path.into(),
+        source: e,
+    })?;
+    eprintln!(
+        "wrote {}: KVQuant {}-bit calibration of {} layers ({:.1}s)",
+        path.display(),
+        o.kvquant_bits,
+        layers.len(),
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
