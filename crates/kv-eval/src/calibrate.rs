@@ -144,9 +144,13 @@ fn parse(raw: &[String]) -> Result<Options> {
             "--window" => o.window = count(value)?,
             "--kvquant" => o.kvquant = Some(PathBuf::from(value)),
             "--kvquant-bits" => {
-                o.kvquant_bits = value.parse().ok().filter(|b| (2..=4).contains(b)).ok_or_else(
-                    || EvalError::Usage(format!("--kvquant-bits `{value}` is not 2, 3 or 4")),
-                )?;
+                o.kvquant_bits = value
+                    .parse()
+                    .ok()
+                    .filter(|b| (2..=4).contains(b))
+                    .ok_or_else(|| {
+                        EvalError::Usage(format!("--kvquant-bits `{value}` is not 2, 3 or 4"))
+                    })?;
             }
             "--kvquant-sinks" => {
                 o.kvquant_sinks = value.parse().map_err(|_| {
@@ -308,14 +312,11 @@ fn write_kvquant(
         }
         let (ks, vs): (Vec<_>, Vec<_>) = windows.into_iter().unzip();
         let (k, v) = (Tensor::cat(ks, 0), Tensor::cat(vs, 0));
-        let cal = kv_quant::KvQuantCalibration::calibrate(
-            &k,
-            &v,
-            o.kvquant_bits,
-            0.99,
-            o.kvquant_sinks,
-        )
-        .map_err(|e| EvalError::Usage(format!("KVQuant calibration of layer {layer}: {e}")))?;
+        let cal =
+            kv_quant::KvQuantCalibration::calibrate(&k, &v, o.kvquant_bits, 0.99, o.kvquant_sinks)
+                .map_err(|e| {
+                    EvalError::Usage(format!("KVQuant calibration of layer {layer}: {e}"))
+                })?;
         layers.push(cal);
     }
     let json = serde_json::to_string(&layers).map_err(|e| EvalError::Usage(e.to_string()))?;
