@@ -471,6 +471,26 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Codec(build_kvquant),
         },
+        // kv-dmc: token merging, decode-time.
+        MethodEntry {
+            name: "dmc",
+            summary: "DMC: each token appended or averaged (ω-weighted) into its KV head's last \
+                      slot; decision=similarity (training-free proxy: key cosine > threshold, \
+                      default 0.9, optional value_threshold) or learned (artefact=PATH exported \
+                      from a DMC-retrofitted checkpoint); proportional=true adds ln z per slot",
+            params: kv_dmc::DmcConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Policy(build_dmc),
+        },
+        MethodEntry {
+            name: "cam",
+            summary: "CaM merge-on-evict: sinks (default 4) + recent window (required), each \
+                      evicted value merged into the next merge_window (default 32) kept tokens \
+                      with weight min(1, its attention / mean kept attention)",
+            params: kv_dmc::MergeEvictConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Policy(build_cam),
+        },
         // kv-compose: pipelines from papers.
         MethodEntry {
             name: "minikv",
@@ -889,5 +909,41 @@ fn build_palu(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> 
     )
     .map_err(&bad)?
     .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's DMC cache (kv-dmc); parameters map to [`kv_dmc::DmcConfig`], and
+/// `artefact=PATH` names a JSON [`kv_dmc::DmcArtefact`] whose entry for this layer holds the
+/// learned decision heads.
+fn build_dmc(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_dmc::DmcConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        |path| {
+            let fail = |reason: String| kv_core::KvError::InvalidConfig {
+                field: "artefact",
+                reason,
+            };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("cannot read `{path}`: {e}")))?;
+            let artefact: kv_dmc::DmcArtefact = serde_json::from_str(&text)
+                .map_err(|e| fail(format!("`{path}` is not a DmcArtefact: {e}")))?;
+            artefact.layer(cx.layer, cx.shape.kv_heads(), cx.shape.head_dim())
+        },
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's CaM-style merge-on-evict cache (kv-dmc); parameters map to
+/// [`kv_dmc::MergeEvictConfig`].
+fn build_cam(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_dmc::MergeEvictConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }
