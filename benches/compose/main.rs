@@ -46,7 +46,9 @@ fn filled(line: &str, tokens: usize, device: &Device) -> Box<dyn KvCache> {
     // The selections score from the last prompt queries (SnapKV's window of 64).
     let window = 64;
     let q = seeded_query(shape, window, (tokens - window) as u32, device);
-    cache.attend(&q, StatsRequest::NONE).expect("prefill attend");
+    cache
+        .attend(&q, StatsRequest::NONE)
+        .expect("prefill attend");
     cache.end_prefill().expect("end_prefill");
     sync(device);
     cache

@@ -104,7 +104,7 @@ pub fn time_synced<T>(device: &Device, iters: u64, mut op: impl FnMut() -> T) ->
 ///
 /// # Panics
 /// If `attend` fails.
-pub fn time_attend(cache: &mut impl KvCache, query: &Query, iters: u64) -> Duration {
+pub fn time_attend<C: KvCache + ?Sized>(cache: &mut C, query: &Query, iters: u64) -> Duration {
     let device = cache.device().clone();
     time_synced(&device, iters, || {
         cache
@@ -112,4 +112,20 @@ pub fn time_attend(cache: &mut impl KvCache, query: &Query, iters: u64) -> Durat
             .expect("attend on a filled cache")
             .output
     })
+}
+
+/// Fills `cache` with `tokens` seeded tokens (positions `0..tokens`, the same data as
+/// [`filled_dense_cache`]) in one prefill append, ends prefill and syncs, so that decode
+/// benches time a cache in its steady decode state.
+///
+/// # Panics
+/// If the append or `end_prefill` fails or the device cannot sync.
+pub fn fill_cache<C: KvCache>(mut cache: C, tokens: usize) -> C {
+    let device = cache.device().clone();
+    cache
+        .append(seeded_block(cache.shape(), tokens, KEY_SEED, &device))
+        .expect("invariant: positions start at 0 in an empty cache");
+    cache.end_prefill().expect("end_prefill of a filled cache");
+    sync(&device);
+    cache
 }

@@ -49,7 +49,7 @@ pub enum ComposeError {
     /// Stages that cannot work in this order or together.
     #[error("{stages}: {reason}")]
     Conflict {
-        /// The conflicting stages, for example "stages[0] `kivi` and stages[1] `snapkv`".
+        /// The conflicting stages, for example "stages\[0\] `kivi` and stages\[1\] `snapkv`".
         stages: String,
         /// Why they conflict.
         reason: String,

@@ -4,7 +4,7 @@
 //! with `--kvquant FILE` the per-layer KVQuant calibration (thresholds and non-uniform
 //! codebooks from the pre-RoPE keys and the values) that `kvquant:calibration=FILE` loads.
 //!
-//! Each layer's cache is a [`Capture`]: a full dense cache that feeds what it is given to a
+//! Each layer's cache is a `Capture`: a full dense cache that feeds what it is given to a
 //! shared [`CovarianceAccumulator`]. The text is cut into windows that run as independent
 //! sequences (positions from 0), so activations come from every context length up to the
 //! window.
@@ -36,6 +36,9 @@ texts must differ: evaluation uses Pride and Prejudice), 8192 tokens in windows 
 --kvquant also writes KVQuant's calibration (JSON, one entry per layer) for B-bit codebooks
 (default 4), sparsity threshold 0.99 (1% outliers) and N fp16 sink tokens (default 0).";
 
+/// One layer's captured windows of pre-RoPE keys and values (for KVQuant's calibration).
+type Windows = Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>;
+
 /// One layer's capture: a dense cache whose appended keys/values and attended queries are
 /// added to the accumulator.
 #[derive(Debug)]
@@ -45,7 +48,7 @@ struct Capture {
     rope: Rope,
     acc: Arc<Mutex<CovarianceAccumulator>>,
     /// Pre-RoPE keys and values of this window, kept for KVQuant's calibration.
-    keep: Option<Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>>,
+    keep: Option<Windows>,
 }
 
 impl Capture {
@@ -208,7 +211,7 @@ pub fn run(raw: &[String]) -> Result<()> {
     let layers = model.config().num_hidden_layers;
     let acc = Arc::new(Mutex::new(CovarianceAccumulator::new(layers, shape)));
     // Per layer, the pre-RoPE keys and values of every whole window (KVQuant).
-    let kept: Vec<Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>> = (0..layers)
+    let kept: Vec<Windows> = (0..layers)
         .map(|_| Arc::new(Mutex::new(Vec::new())))
         .collect();
     for (w, chunk) in ids[..o.tokens].chunks(o.window).enumerate() {
@@ -297,7 +300,7 @@ pub fn run(raw: &[String]) -> Result<()> {
 /// writes the JSON array `kvquant:calibration=FILE` reads.
 fn write_kvquant(
     path: &Path,
-    kept: &[Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>],
+    kept: &[Windows],
     o: &Options,
 ) -> Result<()> {
     let t0 = Instant::now();

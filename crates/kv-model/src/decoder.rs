@@ -155,6 +155,10 @@ impl Llama {
     /// Runs `tokens` through the model, appending their keys and values to `caches` and
     /// attending through them, and returns the final hidden states (after the last norm).
     ///
+    /// Layers that read another layer's storage ([`LayerCaches::shared`], cross-layer KV
+    /// sharing) compute only their queries and attend over the owner's cache without
+    /// appending; their own K/V projections are not used.
+    ///
     /// # Shapes
     /// `tokens` and `positions`: `batch * n` entries, row-major. A [`PAD`] position marks a
     /// padding token: ragged caches do not store it, no query attends to it, and its hidden
@@ -210,23 +214,32 @@ impl Llama {
             .collect();
 
         for (layer, blk) in self.blocks.iter().enumerate() {
+            // A layer that reads another layer's KV (cross-layer sharing) computes only its
+            // queries and attends over the owner's cache, which already holds these tokens.
+            let appends = caches.appends(layer);
             let cache = caches.layer_mut(layer).map_err(ModelError::Cache)?;
             let hn = rms_norm(x.clone(), &blk.attn_norm, c.rms_norm_eps);
-            let qkv = hn.matmul(blk.qkv.clone().unsqueeze::<3>());
-            let q = qkv.clone().slice([0..batch, 0..n, 0..qh * d]);
-            let k = qkv.clone().slice([0..batch, 0..n, qh * d..(qh + kvh) * d]);
-            let v = qkv.slice([0..batch, 0..n, (qh + kvh) * d..(qh + 2 * kvh) * d]);
-            let q = q.reshape([batch, n, qh, d]).swap_dims(1, 2);
-            let k = k.reshape([batch, n, kvh, d]).swap_dims(1, 2);
-            let v = v.reshape([batch, n, kvh, d]).swap_dims(1, 2);
-            let q = self.rope.apply(q, &rope_pos);
-            let k = match cache.key_rope() {
-                KeyRope::PostRope => self.rope.apply(k, &rope_pos),
-                KeyRope::PreRope => k,
+            let q = if appends {
+                let qkv = hn.matmul(blk.qkv.clone().unsqueeze::<3>());
+                let q = qkv.clone().slice([0..batch, 0..n, 0..qh * d]);
+                let k = qkv.clone().slice([0..batch, 0..n, qh * d..(qh + kvh) * d]);
+                let v = qkv.slice([0..batch, 0..n, (qh + kvh) * d..(qh + 2 * kvh) * d]);
+                let k = k.reshape([batch, n, kvh, d]).swap_dims(1, 2);
+                let v = v.reshape([batch, n, kvh, d]).swap_dims(1, 2);
+                let k = match cache.key_rope() {
+                    KeyRope::PostRope => self.rope.apply(k, &rope_pos),
+                    KeyRope::PreRope => k,
+                };
+                cache
+                    .append(KvBlock::new(k, v, positions.to_vec()).map_err(ModelError::Cache)?)
+                    .map_err(ModelError::Cache)?;
+                q
+            } else {
+                let wq = blk.qkv.clone().slice([0..h, 0..qh * d]);
+                hn.matmul(wq.unsqueeze::<3>())
             };
-            cache
-                .append(KvBlock::new(k, v, positions.to_vec()).map_err(ModelError::Cache)?)
-                .map_err(ModelError::Cache)?;
+            let q = q.reshape([batch, n, qh, d]).swap_dims(1, 2);
+            let q = self.rope.apply(q, &rope_pos);
             let query = Query::new(q, positions.to_vec()).map_err(ModelError::Cache)?;
             let att = cache
                 .attend(&query, StatsRequest::NONE)

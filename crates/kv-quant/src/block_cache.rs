@@ -13,8 +13,10 @@
 //!   keep it, as vLLM's dynamically computed `k_scale`/`v_scale` are computed on the first
 //!   forward pass; later values beyond `fp8_max · scale` saturate. [`Fp8Scale::Unit`] is vLLM's
 //!   default without calibration (scale 1). A zero first block gets scale 1.
-//! - `attend` streams over chunks of [`BLOCK_ATTEND_CHUNK_TOKENS`] tokens, each decoded to fp32
-//!   (the helper KIVI uses); with statistics requested it decodes everything and calls
+//! - `attend` and `attend_lse` run on the codes for decode-sized queries on the CPU backends
+//!   (the fused host kernels KIVI uses: `x̂ = level(code) · d + m` per block of 32 channels),
+//!   and otherwise stream over chunks of [`BLOCK_ATTEND_CHUNK_TOKENS`] tokens, each decoded to
+//!   fp32; with statistics requested `attend` decodes everything and calls
 //!   [`reference_attention`]. `view()` returns the decoded tensors, so
 //!   `attend == reference(view())` up to the softmax summation order.
 //! - `memory()`: codes, planes, scales, minima and fp8 scales, measured from the tensors, plus
@@ -32,8 +34,9 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::attend::attend_streamed;
+use crate::attend::{attend_streamed, empty_lse};
 use crate::blocks::{BlockFormat, EncodedBlocks, Iq4Search};
+use crate::host::{Source, attend_host, ordered, use_host};
 
 /// Tokens per chunk of the streamed attention.
 pub const BLOCK_ATTEND_CHUNK_TOKENS: usize = 512;
@@ -286,6 +289,36 @@ impl BlockQuantCache {
         }
     }
 
+    /// Attention without statistics and its log-sum-exp (the cache is not empty): fused on the
+    /// codes for decode-sized queries on CPU backends, otherwise streamed over chunks of
+    /// [`BLOCK_ATTEND_CHUNK_TOKENS`] decoded tokens.
+    fn attend_fast(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        if let (Some(k), Some(v)) = (&self.keys, &self.values)
+            && use_host(&self.device, query, self.config.shape.kv_heads())
+        {
+            // Fused on the codes (see `crate::host`): nothing is decoded.
+            let (k, v) = (k.to_host(), v.to_host());
+            let keys = ordered(&[Some(Source::Codes(&k))], None, self.len);
+            let values = ordered(&[Some(Source::Codes(&v))], None, self.len);
+            return attend_host(
+                query,
+                self.config.shape.kv_heads(),
+                self.len,
+                &self.positions,
+                &keys,
+                &values,
+            );
+        }
+        attend_streamed(
+            query,
+            self.config.shape.kv_heads(),
+            self.len,
+            &self.positions,
+            |start| start + BLOCK_ATTEND_CHUNK_TOKENS,
+            |range| self.tokens_fp32(range),
+        )
+    }
+
     fn tokens_fp32(&self, range: core::ops::Range<usize>) -> (Tensor<4>, Tensor<4>) {
         match (&self.keys, &self.values) {
             (Some(k), Some(v)) => (
@@ -382,16 +415,8 @@ impl KvCache for BlockQuantCache {
             });
         }
         if !stats.any() {
-            let output = attend_streamed(
-                query,
-                self.config.shape.kv_heads(),
-                self.len,
-                &self.positions,
-                |start| start + BLOCK_ATTEND_CHUNK_TOKENS,
-                |range| self.tokens_fp32(range),
-            );
             return Ok(Attended {
-                output,
+                output: self.attend_fast(query).0,
                 stats: Default::default(),
             });
         }
@@ -407,6 +432,14 @@ impl KvCache for BlockQuantCache {
             stats,
         );
         Ok(Attended { output, stats })
+    }
+
+    fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
+        check_query(&self.config.shape, query, "BlockQuantCache::attend_lse")?;
+        if self.len == 0 {
+            return Ok(empty_lse(query, self.config.shape.kv_heads()));
+        }
+        Ok(self.attend_fast(query))
     }
 
     fn view(&self) -> KvView {

@@ -54,6 +54,7 @@ use kv_core::{HeldBuffer, StorageRole};
 use serde::{Deserialize, Serialize};
 
 use crate::fp8::Fp8Format;
+use crate::host::{HostCodes, floats, words as host_words};
 use crate::packing::{BitWidth, pack_words, unpack_words};
 use crate::{QuantError, Result};
 
@@ -514,6 +515,44 @@ impl EncodedBlocks {
             BlockFormat::Fp8(_) => unreachable!("fp8 decoded above"),
         };
         x.reshape([b, h, t, d])
+    }
+
+    /// The codes and statistics read back for the fused host kernels ([`crate::host`]):
+    /// `x̂ = level(code) · d + m` per block of 32 channels (fp8: the decoded code times the
+    /// tensor's or head's scale, one group of `head_dim`).
+    pub(crate) fn to_host(&self) -> HostCodes {
+        let [b, h, t, d] = self.dims;
+        let words = host_words(&self.codes);
+        let high = self.high.as_ref().map(host_words);
+        let levels: Vec<f32> = match self.format {
+            BlockFormat::Q8_0 => (0..256).map(|c| f32::from(c as u8 as i8)).collect(),
+            BlockFormat::Q4_0 => (0..16).map(|c| c as f32 - 8.0).collect(),
+            BlockFormat::Q5_0 => (0..32).map(|c| c as f32 - 16.0).collect(),
+            BlockFormat::Q4_1 => (0..16).map(|c| c as f32).collect(),
+            BlockFormat::Q5_1 => (0..32).map(|c| c as f32).collect(),
+            BlockFormat::Iq4Nl(_) => KVALUES_IQ4NL.iter().map(|&v| f32::from(v)).collect(),
+            BlockFormat::Fp8(f) => f.table_host(),
+        };
+        let bits = self.format.code_bits();
+        if self.format.is_fp8() {
+            // One group of head_dim per token, scaled by the tensor's or the head's scale.
+            let scale = floats(&self.scales);
+            let per_head = scale.len() == h;
+            let scales = (0..b * h * t)
+                .map(|i| scale[if per_head { (i / t) % h } else { 0 }])
+                .collect();
+            return HostCodes::per_token([b, h, t, d], bits, words, None, levels, d, scales, None);
+        }
+        HostCodes::per_token(
+            [b, h, t, d],
+            bits,
+            words,
+            high,
+            levels,
+            GGML_BLOCK,
+            floats(&self.scales),
+            self.mins.as_ref().map(floats),
+        )
     }
 
     /// The tokens `range` (must be non-empty and within the held tokens; checked by callers).

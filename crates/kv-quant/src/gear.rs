@@ -42,7 +42,7 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::attend::attend_streamed;
+use crate::attend::{attend_streamed, empty_lse};
 use crate::group::{F16_MAX_ABS_INPUT, GroupAxis, QuantSpec, QuantizedTensor};
 use crate::packing::BitWidth;
 use crate::params as parse;
@@ -635,6 +635,19 @@ impl GearCache {
         (k, v)
     }
 
+    /// Attention without statistics and its log-sum-exp, streamed over whole blocks (the
+    /// cache is not empty).
+    fn attend_streamed_lse(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        attend_streamed(
+            query,
+            self.config.shape.kv_heads(),
+            self.len,
+            &self.positions,
+            |start| self.chunk_end(start),
+            |range| self.tokens_fp32(range.start, range.end),
+        )
+    }
+
     /// The end of the attention chunk starting at `start` (a block boundary): whole blocks
     /// until the chunk reaches [`GEAR_ATTEND_CHUNK_TOKENS`], then the buffer.
     fn chunk_end(&self, start: usize) -> usize {
@@ -766,16 +779,8 @@ impl KvCache for GearCache {
             });
         }
         if !stats.any() {
-            let output = attend_streamed(
-                query,
-                self.config.shape.kv_heads(),
-                self.len,
-                &self.positions,
-                |start| self.chunk_end(start),
-                |range| self.tokens_fp32(range.start, range.end),
-            );
             return Ok(Attended {
-                output,
+                output: self.attend_streamed_lse(query).0,
                 stats: Default::default(),
             });
         }
@@ -791,6 +796,14 @@ impl KvCache for GearCache {
             stats,
         );
         Ok(Attended { output, stats })
+    }
+
+    fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
+        check_query(&self.config.shape, query, "GearCache::attend_lse")?;
+        if self.len == 0 {
+            return Ok(empty_lse(query, self.config.shape.kv_heads()));
+        }
+        Ok(self.attend_streamed_lse(query))
     }
 
     fn end_prefill(&mut self) -> kv_core::Result<()> {

@@ -27,13 +27,21 @@
 //! kept as given (fp32) until the next `append`, `end_prefill` or `reset`, and `attend` and
 //! `view` use it for those tokens; this copy is counted in `memory()` while it is held.
 //!
-//! `attend` streams over chunks of [`ATTEND_CHUNK_TOKENS`] keys: each chunk is dequantized
-//! (window and pending tokens taken as they are), scored, and merged into running softmax
-//! statistics (row max, row sum, weighted values), so the cache is never materialised in full
-//! precision at once. When attention statistics are requested it falls back to dequantizing
-//! everything and calling [`reference_attention`]. `view()` returns the same dequantized
-//! tensors, so `attend == reference(view())` up to the summation order of the softmax (fp32
-//! rounding, well inside the contract's `1e-5 + 1e-4 |x|`).
+//! Without statistics, `attend` and `attend_lse` take one of two paths, neither of which
+//! materialises the cache in full precision:
+//! - decode-sized queries on the CPU backends run on the packed codes (`crate::host`): the
+//!   group's key scale is folded into the query and its zero point into a constant
+//!   (`q · k̂ = Σ_c (q_c s_c) code_c + Σ_c q_c z_c`), the probabilities into the per-token value
+//!   scales (`Σ_t p_t v̂_t = Σ_t (p_t s_t) code_t + Σ_t p_t z_t`);
+//! - other queries stream over chunks of [`ATTEND_CHUNK_TOKENS`] keys: each chunk is
+//!   dequantized (window and pending tokens taken as they are), scored, and merged into
+//!   running softmax statistics (row max, row sum, weighted values).
+//!
+//! When attention statistics are requested it falls back to dequantizing everything and
+//! calling [`reference_attention`]. `view()` returns the same dequantized tensors, so
+//! `attend == reference(view())` up to the summation order of the softmax (fp32 rounding, well
+//! inside the contract's `1e-5 + 1e-4 |x|`); that dequantize-then-attend oracle is what the
+//! tests compare both paths with.
 
 use burn::prelude::*;
 use burn::tensor::FloatDType;
@@ -45,8 +53,9 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::attend::attend_streamed;
+use crate::attend::{attend_streamed, empty_lse};
 use crate::group::{GroupAxis, QuantSpec, QuantizedTensor};
+use crate::host::{HostCodes, HostDense, Source, attend_host, ordered, use_host};
 use crate::packing::BitWidth;
 use crate::{QuantError, Result};
 
@@ -473,10 +482,65 @@ impl KiviCache {
         (k, v)
     }
 
+    /// Attention without statistics and its log-sum-exp: the fused host kernels for
+    /// decode-sized queries on CPU backends ([`attend_fused`](Self::attend_fused)), the
+    /// streamed tensor ops otherwise ([`attend_chunked`](Self::attend_chunked)).
+    fn attend_fast(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        if use_host(&self.device, query, self.config.shape.kv_heads()) {
+            self.attend_fused(query)
+        } else {
+            self.attend_chunked(query)
+        }
+    }
+
+    /// Attention computed on the packed codes (see [`crate::host`]): keys scored with the
+    /// group's scale folded into the query and its zero point into a constant, values summed
+    /// with the probabilities folded into the per-token scales. Only the packed store, the
+    /// statistics and the full-precision windows are read back; nothing is dequantized.
+    pub(crate) fn attend_fused(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        let pair = |p: &Option<(Tensor<4>, Tensor<4>)>| {
+            p.as_ref()
+                .map(|(k, v)| (HostDense::new(k), HostDense::new(v)))
+        };
+        let sink = pair(&self.sink);
+        let pending = pair(&self.pending);
+        let kq = self.k_quant.as_ref().map(HostCodes::from_quantized);
+        let vq = self.v_quant.as_ref().map(HostCodes::from_quantized);
+        let kf = self.k_full.as_ref().map(HostDense::new);
+        let vf = self.v_full.as_ref().map(HostDense::new);
+        let keys = ordered(
+            &[
+                sink.as_ref().map(|p| Source::Dense(&p.0)),
+                kq.as_ref().map(Source::Codes),
+                kf.as_ref().map(Source::Dense),
+            ],
+            pending.as_ref().map(|p| &p.0),
+            self.len,
+        );
+        let values = ordered(
+            &[
+                sink.as_ref().map(|p| Source::Dense(&p.1)),
+                vq.as_ref().map(Source::Codes),
+                vf.as_ref().map(Source::Dense),
+            ],
+            pending.as_ref().map(|p| &p.1),
+            self.len,
+        );
+        attend_host(
+            query,
+            self.config.shape.kv_heads(),
+            self.len,
+            &self.positions,
+            &keys,
+            &values,
+        )
+    }
+
     /// Attention streamed over chunks of [`ATTEND_CHUNK_TOKENS`] keys (rounded to whole
     /// groups): each chunk is dequantized, scored and merged into running softmax statistics
     /// (max, sum, weighted values), so the full-precision cache is never materialised.
-    fn attend_chunked(&self, query: &Query) -> Tensor<4> {
+    /// Returns the output and the log-sum-exp.
+    pub(crate) fn attend_chunked(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
         let chunk = self.config.group * (ATTEND_CHUNK_TOKENS / self.config.group).max(1);
         // The sinks form their own first chunk, so that later chunks start on key groups.
         let sh = self.sink_tokens();
@@ -605,7 +669,7 @@ impl KvCache for KiviCache {
         }
         if !stats.any() {
             return Ok(Attended {
-                output: self.attend_chunked(query),
+                output: self.attend_fast(query).0,
                 stats: Default::default(),
             });
         }
@@ -622,6 +686,14 @@ impl KvCache for KiviCache {
             stats,
         );
         Ok(Attended { output, stats })
+    }
+
+    fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
+        check_query(&self.config.shape, query, "KiviCache::attend_lse")?;
+        if self.len == 0 {
+            return Ok(empty_lse(query, self.config.shape.kv_heads()));
+        }
+        Ok(self.attend_fast(query))
     }
 
     fn end_prefill(&mut self) -> kv_core::Result<()> {

@@ -1002,7 +1002,7 @@ impl KvCache for KvQuantCache {
             });
         }
         if !stats.any() {
-            let output = attend_streamed(
+            let (output, _) = attend_streamed(
                 query,
                 self.config.shape.kv_heads(),
                 self.len,

@@ -51,6 +51,7 @@ mod error;
 pub mod fp8;
 pub mod gear;
 pub mod group;
+mod host;
 pub mod kivi;
 pub mod kvquant;
 pub mod packing;

@@ -43,7 +43,7 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::attend::attend_streamed_scores;
+use crate::attend::{attend_streamed_scores, empty_lse};
 use crate::group::{F16_MAX_ABS_INPUT, GroupAxis, QuantSpec, QuantizedTensor};
 use crate::packing::{BitWidth, pack_words, unpack_words};
 use crate::params as parse;
@@ -936,6 +936,34 @@ impl QjlCache {
         self.k_sketch.as_ref()
     }
 
+    /// Attention without statistics and its log-sum-exp, streamed over chunks of whole
+    /// groups with scores estimated from the sign bits (the cache is not empty).
+    fn attend_streamed_lse(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        let g = self.config.group;
+        // With outliers the query is sketched per group of every chunk
+        // (`groups x rows x m` floats): long query blocks get fewer groups per chunk.
+        let rows = query.tensor().dims()[1] / self.config.shape.kv_heads() * query.len();
+        let groups = if self.config.outliers > 0 {
+            (QJL_QUERY_SKETCH_BUDGET / (rows * self.config.sketch_dim).max(1)).max(1)
+        } else {
+            usize::MAX
+        };
+        let chunk = g * (QJL_ATTEND_CHUNK_TOKENS / g).clamp(1, groups);
+        attend_streamed_scores(
+            query,
+            self.config.shape.kv_heads(),
+            self.len,
+            &self.positions,
+            |start| start + chunk,
+            |range, q| {
+                (
+                    self.scores(range.start, range.end, q),
+                    self.values_fp32(range.start, range.end),
+                )
+            },
+        )
+    }
+
     /// Values of the held tokens `range` in fp32 (pending tokens as given).
     fn values_fp32(&self, a: usize, b: usize) -> Tensor<4> {
         if let Some(v) = self.all_pending(a, b, |(_, pv)| pv) {
@@ -1173,31 +1201,8 @@ impl KvCache for QjlCache {
             });
         }
         if !stats.any() {
-            let g = self.config.group;
-            // With outliers the query is sketched per group of every chunk
-            // (`groups x rows x m` floats): long query blocks get fewer groups per chunk.
-            let rows = query.tensor().dims()[1] / self.config.shape.kv_heads() * query.len();
-            let groups = if self.config.outliers > 0 {
-                (QJL_QUERY_SKETCH_BUDGET / (rows * self.config.sketch_dim).max(1)).max(1)
-            } else {
-                usize::MAX
-            };
-            let chunk = g * (QJL_ATTEND_CHUNK_TOKENS / g).clamp(1, groups);
-            let output = attend_streamed_scores(
-                query,
-                self.config.shape.kv_heads(),
-                self.len,
-                &self.positions,
-                |start| start + chunk,
-                |range, q| {
-                    (
-                        self.scores(range.start, range.end, q),
-                        self.values_fp32(range.start, range.end),
-                    )
-                },
-            );
             return Ok(Attended {
-                output,
+                output: self.attend_streamed_lse(query).0,
                 stats: Default::default(),
             });
         }
@@ -1214,6 +1219,14 @@ impl KvCache for QjlCache {
             stats,
         );
         Ok(Attended { output, stats })
+    }
+
+    fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
+        check_query(&self.config.shape, query, "QjlCache::attend_lse")?;
+        if self.len == 0 {
+            return Ok(empty_lse(query, self.config.shape.kv_heads()));
+        }
+        Ok(self.attend_streamed_lse(query))
     }
 
     fn end_prefill(&mut self) -> kv_core::Result<()> {

@@ -386,3 +386,40 @@ fn layer_caches_aggregate_memory() {
     layers.reset();
     assert_eq!(layers.memory().logical_tokens, 0);
 }
+
+#[test]
+fn shared_layer_caches_count_storage_once() {
+    let d = test_device();
+    let s = KvShape::new(1, 1, 1, 4).expect("valid");
+    let make = |_: usize| Ok(Box::new(DenseCacheConfig::new(s).init(&d)?) as Box<dyn KvCache>);
+    for bad in [&[0, 3][..], &[1, 1], &[0, 0, 1]] {
+        assert!(matches!(
+            LayerCaches::shared(bad, make),
+            Err(KvError::InvalidConfig {
+                field: "owners",
+                ..
+            })
+        ));
+    }
+    let mut layers = LayerCaches::shared(&[0, 0, 2], make).expect("layers");
+    assert_eq!((layers.len(), layers.storage_layers()), (3, 2));
+    assert!(layers.appends(0) && !layers.appends(1) && !layers.appends(7));
+    assert_eq!(layers.owner(1).expect("owner"), 0);
+    for i in [0, 2] {
+        let k = seeded_tensor([1, 1, 5, 4], i as u64, 1.0, &d);
+        layers
+            .layer_mut(i)
+            .expect("layer")
+            .append(KvBlock::contiguous(k.clone(), k, 0).expect("block"))
+            .expect("append");
+    }
+    let per = layers.memory_per_layer();
+    assert_eq!(per[1].stored_bytes(), 0);
+    assert_eq!(per[1].logical_tokens, 5);
+    assert_eq!(layers.memory().stored_bytes(), per[0].stored_bytes() * 2);
+    assert_eq!(layers.memory().logical_tokens, 15);
+    assert_eq!(layers.iter().count(), 3);
+    layers.reset();
+    assert_eq!(layers.memory().logical_tokens, 0);
+    assert_eq!(layers.into_layers().len(), 2);
+}

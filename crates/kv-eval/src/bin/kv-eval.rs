@@ -151,6 +151,15 @@ fn run(raw: &[String]) -> Result<()> {
                     ]
                 })
                 .collect();
+            let mut rows = rows;
+            rows.extend(method::WHOLE_MODEL.iter().map(|(name, what)| {
+                vec![
+                    (*name).to_owned(),
+                    "cross-layer".to_owned(),
+                    String::new(),
+                    (*what).to_owned(),
+                ]
+            }));
             println!("{}", table(&["method", "role", "params", "what"], &rows));
             Ok(())
         }
@@ -232,7 +241,7 @@ fn stages(args: &Args) -> Result<PipelineSpec> {
             PipelineSpec::single(spec)
         }
     };
-    method::plan(&spec)?;
+    method::check(&spec)?;
     Ok(spec)
 }
 
@@ -464,7 +473,7 @@ fn cmd_compare(args: &Args) -> Result<()> {
         .map(|n| PipelineSpec::parse_line(n))
         .collect::<Result<_, _>>()?;
     for s in &specs {
-        method::plan(s)?;
+        method::check(s)?;
     }
     let (reports, mp, tp) = run_specs(args, specs, &start_at, protocol, prefill, score)?;
     let full = reports.iter().find(|r| r.method == "full").map(|r| r.ppl);
@@ -719,13 +728,14 @@ fn cmd_sweep(args: &Args) -> Result<()> {
     let mut grid: Vec<PipelineSpec> = vec![PipelineSpec::single(MethodSpec::full())];
     for n in &names {
         let p = PipelineSpec::parse_line(n)?;
-        method::plan(&p)?;
+        method::check(&p)?;
         let first = &p.stages[0];
         if first.name == "full" && p.stages.len() == 1 {
             continue;
         }
         // The ratio sweeps the first stage (the selection of a pipeline) unless it is given.
-        if method::lookup(first)?.takes_ratio && first.ratio.is_none() {
+        let takes_ratio = method::lookup(first).is_ok_and(|e| e.takes_ratio);
+        if takes_ratio && first.ratio.is_none() {
             for &r in &ratios {
                 let mut q = p.clone();
                 q.stages[0].set_param("ratio", &r.to_string())?;

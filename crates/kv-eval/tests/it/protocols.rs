@@ -160,3 +160,47 @@ fn paper_pipelines_run_from_configs_and_code() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Cross-layer methods build the whole container: the identity map is the full cache, a CLA
+/// map halves the bytes, per-layer stages may follow a map, MiniCache stands alone.
+#[test]
+fn cross_layer_methods_build_from_specs() {
+    let Some(model) = tiny() else { return };
+    let shape = model.kv_shape(1).expect("shape");
+    let build = |line: &str| {
+        build_caches(
+            &PipelineSpec::parse_line(line).expect("parse"),
+            2,
+            shape,
+            model.rope().config(),
+            model.device(),
+        )
+    };
+    let run = |line: &str| {
+        let mut caches = build(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        run_window(&model, &mut caches, &ids(), 96, 32, false, 0)
+            .unwrap_or_else(|e| panic!("{line}: {e}"))
+    };
+    let full = run("full");
+    let same = run("layer_map:map=0_1");
+    assert_eq!(full.nll, same.nll, "the identity map is the plain model");
+    let cla = run("layer_map:cla=2");
+    assert_eq!(
+        cla.memory_after_prefill.stored_bytes() * 2,
+        full.memory_after_prefill.stored_bytes()
+    );
+    assert!(
+        run("layer_map:cla=2|kivi:bits=4,group=16,residual=16")
+            .nll
+            .is_finite()
+    );
+    assert!(run("minicache:start=0,gamma=1").nll.is_finite());
+    for bad in [
+        "minicache|kivi",
+        "layer_map:cla=2,mlkv=1",
+        "layer_map:bits=2",
+        "kvsharer",
+    ] {
+        assert!(build(bad).is_err(), "{bad}");
+    }
+}

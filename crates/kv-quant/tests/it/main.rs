@@ -2,6 +2,7 @@
 
 mod blocks;
 mod fp8;
+mod fused;
 mod gear;
 mod ggml_ref;
 mod group;
