@@ -298,11 +298,7 @@ pub fn run(raw: &[String]) -> Result<()> {
 
 /// Calibrates KVQuant per layer from the captured windows (each window one sequence) and
 /// writes the JSON array `kvquant:calibration=FILE` reads.
-fn write_kvquant(
-    path: &Path,
-    kept: &[Windows],
-    o: &Options,
-) -> Result<()> {
+fn write_kvquant(path: &Path, kept: &[Windows], o: &Options) -> Result<()> {
     let t0 = Instant::now();
     let mut layers = Vec::with_capacity(kept.len());
     for (layer, windows) in kept.iter().enumerate() {
