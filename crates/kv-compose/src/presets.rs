@@ -24,18 +24,22 @@ pub(crate) const MINIKV_PARAMS: &[&str] = &["selection", "bits", "group", "resid
 /// group 16 and a 128-token fp16 window for everything kept and decoded.
 ///
 /// The reference's default keeps `heavy_ratio = recent_ratio = 0.25` of the prompt, half of
-/// it, so `ratio` (the fraction removed) defaults to 0.5. `selection=snapkv` (the default
-/// here) is the reference's `--use_snap True` mode: SnapKV scores with its observation window
-/// always kept. `selection=pyramid` uses PyramidKV's layer budgets over the same scores.
+/// it, so `ratio` (the fraction removed) defaults to 0.5, and its default selection
+/// (`selection=h2o`) keeps the most recent `(1 − ratio) / 2` of the prompt plus the tokens with
+/// the most attention accumulated over the prompt among the rest (`observed_attention` with
+/// `recent`). `selection=snapkv` is the reference's `--use_snap True` mode (SnapKV scores,
+/// its observation window always kept); `selection=pyramid` uses PyramidKV's layer budgets
+/// over SnapKV scores.
 pub(crate) fn minikv(spec: &MethodSpec) -> Result<PipelineSpec> {
     let ratio = spec.ratio.unwrap_or(0.5);
-    let selection = match param(spec, "selection", "snapkv") {
+    let selection = match param(spec, "selection", "h2o") {
+        "h2o" => MethodSpec::new("observed_attention").with("recent", (1.0 - ratio) / 2.0),
         "snapkv" => MethodSpec::new("snapkv"),
         "pyramid" => MethodSpec::new("pyramidkv"),
         other => {
             return Err(spec.bad(
                 "selection",
-                &format!("`{other}` is not one of snapkv, pyramid"),
+                &format!("`{other}` is not one of h2o, snapkv, pyramid"),
             ));
         }
     }

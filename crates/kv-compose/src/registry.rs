@@ -144,8 +144,9 @@ pub fn registry() -> Vec<MethodEntry> {
         },
         MethodEntry {
             name: "observed_attention",
-            summary: "H2O at prefill: mean attention each token received (ObservedAttentionPress)",
-            params: &["gqa"],
+            summary: "H2O at prefill: mean attention each token received (ObservedAttentionPress); \
+                      recent=F always keeps the last F of the prompt (MiniKV's H2O)",
+            params: &["gqa", "recent"],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
@@ -494,8 +495,9 @@ pub fn registry() -> Vec<MethodEntry> {
         // kv-compose: pipelines from papers.
         MethodEntry {
             name: "minikv",
-            summary: "MiniKV: SnapKV selection (ratio 0.5 removed), then KIVI 2-bit, group 16, \
-                      fp16 window 128 (selection=snapkv|pyramid)",
+            summary: "MiniKV: H2O selection at prefill (ratio 0.5 removed; the recent half of \
+                      what is kept, heavy hitters for the rest), then KIVI 2-bit, group 16, \
+                      fp16 window 128 (selection=h2o|snapkv|pyramid)",
             params: crate::presets::MINIKV_PARAMS,
             takes_ratio: true,
             builder: Builder::Preset(crate::presets::minikv),

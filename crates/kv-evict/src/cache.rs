@@ -653,7 +653,7 @@ impl EvictingCache {
                     })?;
                     score::tova(stats_of(cols, n))
                 }
-                ScorerConfig::ObservedAttention { gqa } => {
+                ScorerConfig::ObservedAttention { gqa, recent } => {
                     let cols = self.obs.col_sums.as_ref().ok_or(KvError::Empty {
                         op: OP,
                         what: "prefill attention column sums",
@@ -666,7 +666,14 @@ impl EvictingCache {
                                 .into(),
                         });
                     }
-                    score::observed_attention(stats_of(cols, n), gqa)
+                    let scores = score::observed_attention(stats_of(cols, n), gqa);
+                    // H2O's recent window (MiniKV at prefill): always keep the last tokens.
+                    let r = ((recent * n as f64) as usize).min(n);
+                    if r == 0 {
+                        scores
+                    } else {
+                        score::pad_with_max(scores.slice([0..1, 0..kvh, 0..n - r]), r, false)
+                    }
                 }
                 ScorerConfig::ExpectedAttention {
                     n_future_positions,

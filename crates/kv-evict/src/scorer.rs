@@ -38,6 +38,11 @@ pub enum ScorerConfig {
         /// Reduction over the query heads of a KV head (default mean).
         #[serde(default)]
         gqa: GqaReduce,
+        /// The last `floor(recent * n)` prompt tokens are always kept (their scores become the
+        /// maximum plus one, as SnapKV keeps its window): H2O's recent window as MiniKV uses
+        /// it at prefill. 0 (the default) is kvpress's ObservedAttentionPress.
+        #[serde(default)]
+        recent: f64,
     },
     /// Minus the cosine similarity to the mean normalised key (KeyDiffPress).
     #[serde(rename = "keydiff")]
@@ -102,7 +107,7 @@ pub const PARAMS: &[(&str, &[&str])] = &[
     ("streaming_llm", &["n_sink"]),
     ("snapkv", &["window", "kernel", "gqa"]),
     ("tova", &[]),
-    ("observed_attention", &["gqa"]),
+    ("observed_attention", &["gqa", "recent"]),
     ("keydiff", &[]),
     (
         "expected_attention",
@@ -161,6 +166,7 @@ impl ScorerConfig {
             "tova" => ScorerConfig::Tova,
             "observed_attention" => ScorerConfig::ObservedAttention {
                 gqa: GqaReduce::Mean,
+                recent: 0.0,
             },
             "keydiff" => ScorerConfig::KeyDiff,
             "expected_attention" => ScorerConfig::ExpectedAttention {
@@ -196,10 +202,13 @@ impl ScorerConfig {
                 | (ScorerConfig::ExpectedAttention { n_sink, .. }, "n_sink") => {
                     *n_sink = parse("n_sink", v)?;
                 }
+                (ScorerConfig::ObservedAttention { recent, .. }, "recent") => {
+                    *recent = parse("recent", v)?;
+                }
                 (ScorerConfig::SnapKv { window, .. }, "window") => *window = parse("window", v)?,
                 (ScorerConfig::SnapKv { kernel, .. }, "kernel") => *kernel = parse("kernel", v)?,
                 (ScorerConfig::SnapKv { gqa, .. }, "gqa")
-                | (ScorerConfig::ObservedAttention { gqa }, "gqa")
+                | (ScorerConfig::ObservedAttention { gqa, .. }, "gqa")
                 | (ScorerConfig::ExpectedAttention { gqa, .. }, "gqa") => *gqa = parse_gqa(v)?,
                 (
                     ScorerConfig::ExpectedAttention {
@@ -251,6 +260,15 @@ impl ScorerConfig {
                         ),
                     });
                 }
+            }
+            ScorerConfig::ObservedAttention { recent, .. } if !(0.0..1.0).contains(&recent) => {
+                return Err(KvError::InvalidConfig {
+                    field: "recent",
+                    reason: format!(
+                        "{recent} must be a fraction of the prompt in [0, 1) (the share of the \
+                         most recent tokens always kept)"
+                    ),
+                });
             }
             ScorerConfig::ExpectedAttention {
                 n_future_positions,

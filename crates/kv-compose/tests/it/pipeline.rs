@@ -335,3 +335,26 @@ fn presets_run() {
         assert!(m.stored_bytes() < m.dense_fp32_bytes(), "{line}: {m:?}");
     }
 }
+
+/// H2O at prefill with a recent window (MiniKV's selection): the last `recent` share of the
+/// prompt is always kept, the rest of the budget goes to the heaviest hitters.
+#[test]
+fn h2o_selection_keeps_the_recent_window() {
+    let d = test_device();
+    let mut p = make("observed_attention:ratio=0.5,recent=0.25|full", &d);
+    run(p.as_mut(), 16, 0, &d);
+    let view = p.view();
+    let held = p.lengths().held;
+    assert_eq!(held, vec![8; 4], "floor(16 * 0.5) per stream");
+    for stream in view.positions.chunks(8) {
+        for pos in 12..16 {
+            assert!(stream.contains(&pos), "recent token {pos} kept: {stream:?}");
+        }
+    }
+    let e = build_layer(
+        &PipelineSpec::parse_line("observed_attention:recent=1.5").expect("parse"),
+        &cx(&d),
+    )
+    .expect_err("recent is a fraction");
+    assert!(e.to_string().contains("recent"), "{e}");
+}

@@ -248,6 +248,10 @@ fn presets_expand_to_their_papers_stages() {
     };
     assert_eq!(
         expand("minikv"),
+        "observed_attention:ratio=0.5,recent=0.25|kivi:bits=2,group=16,residual=128"
+    );
+    assert_eq!(
+        expand("minikv:selection=snapkv"),
         "snapkv:ratio=0.5|kivi:bits=2,group=16,residual=128"
     );
     assert_eq!(

@@ -35,7 +35,8 @@ kv_testkit::kv_cache_contract!(snapkv, |d: &Device| make(
 kv_testkit::kv_cache_contract!(tova, |d: &Device| make(ScorerConfig::Tova, d));
 kv_testkit::kv_cache_contract!(observed_attention, |d: &Device| make(
     ScorerConfig::ObservedAttention {
-        gqa: GqaReduce::Max
+        gqa: GqaReduce::Max,
+        recent: 0.0
     },
     d
 ));

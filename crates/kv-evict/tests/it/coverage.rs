@@ -306,6 +306,7 @@ fn decode_compression_configs_are_validated_and_bad_blocks_do_not_trigger_it() {
                 0.5,
                 ScorerConfig::ObservedAttention {
                     gqa: GqaReduce::Mean,
+                    recent: 0.0,
                 },
             )
             .with_decode_compression(8, 8),

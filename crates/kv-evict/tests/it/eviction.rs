@@ -136,6 +136,7 @@ fn chunked_prefill_scores_equal_single_pass() {
         ScorerConfig::Tova,
         ScorerConfig::ObservedAttention {
             gqa: GqaReduce::Mean,
+            recent: 0.0,
         },
         expected(),
     ];
@@ -326,7 +327,7 @@ proptest! {
             0 => ScorerConfig::Knorm,
             1 => ScorerConfig::StreamingLlm { n_sink: 2 },
             2 => snap(3),
-            3 => ScorerConfig::ObservedAttention { gqa: GqaReduce::Sum },
+            3 => ScorerConfig::ObservedAttention { gqa: GqaReduce::Sum, recent: 0.0 },
             _ => expected(),
         };
         let mut c = cache(shape, ratio, scorer);
