@@ -324,15 +324,7 @@ pub fn registry() -> Vec<MethodEntry> {
                       (cold-compress KVCacheHeavyHitter)",
             params: kv_evict::ScissorhandsConfig::PARAMS,
             takes_ratio: false,
-            builder: Builder::Policy(|spec, cx| {
-                let bad = bad_param(spec);
-                let cfg = kv_evict::ScissorhandsConfig::from_params(
-                    cx.shape,
-                    spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                )
-                .map_err(&bad)?;
-                Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?) as Box<dyn KvCache>)
-            }),
+            builder: Builder::Policy(build_scissorhands),
         },
         MethodEntry {
             name: "keyformer",
@@ -341,15 +333,7 @@ pub fn registry() -> Vec<MethodEntry> {
                       30% of it recent tokens (d-matrix-ai/keyformer-llm)",
             params: kv_evict::KeyformerConfig::PARAMS,
             takes_ratio: false,
-            builder: Builder::Policy(|spec, cx| {
-                let bad = bad_param(spec);
-                let cfg = kv_evict::KeyformerConfig::from_params(
-                    cx.shape,
-                    spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-                )
-                .map_err(&bad)?;
-                Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?) as Box<dyn KvCache>)
-            }),
+            builder: Builder::Policy(build_keyformer),
         },
         MethodEntry {
             name: "coverage",
@@ -679,45 +663,12 @@ fn build_h2o(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }
 
-/// One layer's KIVI cache (kv-quant); parameters map to [`kv_quant::KiviConfig`].
-fn build_kivi(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_quant::KiviConfig::from_params(
-        cx.shape,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
 /// One layer's serving-engine-format cache (kv-quant); the method name is the format.
 fn build_block_quant(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
     let bad = bad_param(spec);
     let cfg = kv_quant::BlockQuantConfig::from_params(
         cx.shape,
         &spec.name,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's QJL cache (kv-quant); parameters map to [`kv_quant::QjlConfig`].
-fn build_qjl(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_quant::QjlConfig::from_params(
-        cx.shape,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's GEAR cache (kv-quant); parameters map to [`kv_quant::GearConfig`].
-fn build_gear(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_quant::GearConfig::from_params(
-        cx.shape,
         spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
     .map_err(&bad)?;
@@ -820,51 +771,6 @@ fn select_headkv(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::Evict
     )
 }
 
-/// One layer's Quest cache (kv-pq); parameters map to [`kv_pq::QuestConfig`].
-fn build_quest(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_pq::QuestConfig::from_params(
-        cx.shape,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's PQCache (kv-pq); parameters map to [`kv_pq::PqCacheConfig`].
-fn build_pqcache(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_pq::PqCacheConfig::from_params(
-        cx.shape,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's Double Sparsity cache (kv-pq); parameters map to
-/// [`kv_pq::DoubleSparsityConfig`].
-fn build_double_sparsity(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_pq::DoubleSparsityConfig::from_params(
-        cx.shape,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's ClusterKV cache (kv-pq); parameters map to [`kv_pq::ClusterKvConfig`].
-fn build_clusterkv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_pq::ClusterKvConfig::from_params(
-        cx.shape,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
 /// The `key=value` parameters of a spec as string pairs (kv-lowrank's `from_params`).
 fn lowrank_params(spec: &MethodSpec) -> impl Iterator<Item = (&str, &str)> + '_ {
     spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str()))
@@ -938,14 +844,43 @@ fn build_dmc(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }
 
-/// One layer's CaM-style merge-on-evict cache (kv-dmc); parameters map to
-/// [`kv_dmc::MergeEvictConfig`].
-fn build_cam(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_dmc::MergeEvictConfig::from_params(
-        cx.shape,
-        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-    )
-    .map_err(&bad)?;
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+/// Builders of caches whose config is `Config::from_params(shape, params)` and `init(device)`:
+/// the parameters map one to one to the config's fields, and config errors become parameter
+/// errors of the stage.
+macro_rules! from_params_builders {
+    ($($(#[$doc:meta])* $name:ident => $config:path;)*) => {$(
+        $(#[$doc])*
+        fn $name(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+            let bad = bad_param(spec);
+            let cfg = <$config>::from_params(
+                cx.shape,
+                spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            )
+            .map_err(&bad)?;
+            Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+        }
+    )*};
+}
+
+from_params_builders! {
+    /// KIVI (kv-quant).
+    build_kivi => kv_quant::KiviConfig;
+    /// QJL (kv-quant).
+    build_qjl => kv_quant::QjlConfig;
+    /// GEAR (kv-quant).
+    build_gear => kv_quant::GearConfig;
+    /// Scissorhands (kv-evict, decode-time).
+    build_scissorhands => kv_evict::ScissorhandsConfig;
+    /// Keyformer (kv-evict, decode-time).
+    build_keyformer => kv_evict::KeyformerConfig;
+    /// Quest (kv-pq).
+    build_quest => kv_pq::QuestConfig;
+    /// PQCache (kv-pq).
+    build_pqcache => kv_pq::PqCacheConfig;
+    /// Double Sparsity (kv-pq).
+    build_double_sparsity => kv_pq::DoubleSparsityConfig;
+    /// ClusterKV (kv-pq).
+    build_clusterkv => kv_pq::ClusterKvConfig;
+    /// CaM-style merge-on-evict (kv-dmc).
+    build_cam => kv_dmc::MergeEvictConfig;
 }
