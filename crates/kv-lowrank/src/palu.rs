@@ -27,13 +27,13 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 use kv_core::{
     Attended, HeldBuffer, KeyRope, KvBlock, KvCache, KvShape, KvView, Lengths, MemoryReport, Query,
-    Rope, RopeConfig, StatsRequest, StorageDtype, StorageRole, check_query, positions_per_head,
+    Rope, RopeConfig, StatsRequest, StorageDtype, check_query, positions_per_head,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query, project, project_grouped, transpose_heads};
 use crate::calibration::{Activation, Calibration};
-use crate::slots::{Slots, bytes, cat_tokens, float_dtype, held_tensor};
+use crate::slots::{LatentParts, Slots, cat_tokens, float_dtype};
 
 /// Configuration of a [`PaluCache`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -212,6 +212,15 @@ pub struct PaluCache {
 }
 
 impl PaluCache {
+    fn parts(&self) -> LatentParts<'_> {
+        LatentParts {
+            slots: &self.slots,
+            keys: self.keys.as_ref(),
+            values: self.values.as_ref(),
+            bases: [&self.pk, &self.pv],
+        }
+    }
+
     /// The configuration.
     pub fn config(&self) -> &PaluConfig {
         &self.config
@@ -320,34 +329,15 @@ impl KvCache for PaluCache {
     }
 
     fn lengths(&self) -> Lengths {
-        Lengths {
-            held: vec![self.slots.len(); self.config.shape.streams()],
-            logical: self.slots.logical().to_vec(),
-        }
+        self.parts().lengths(&self.config.shape)
     }
 
     fn memory(&self) -> MemoryReport {
-        let s = self.config.shape;
-        MemoryReport {
-            key_bytes: bytes(self.keys.as_ref()),
-            value_bytes: bytes(self.values.as_ref()),
-            metadata_bytes: self.slots.metadata_bytes()
-                + bytes(Some(&self.pk))
-                + bytes(Some(&self.pv)),
-            logical_elements: self.slots.logical_elements(&s),
-            logical_tokens: self.slots.logical_tokens(),
-            held_token_slots: s.streams() * self.slots.len(),
-        }
+        self.parts().memory(&self.config.shape)
     }
 
     fn held_buffers(&self) -> Vec<HeldBuffer> {
-        let mut out = Vec::new();
-        held_tensor(&mut out, StorageRole::Keys, self.keys.as_ref());
-        held_tensor(&mut out, StorageRole::Values, self.values.as_ref());
-        out.push(HeldBuffer::tensor(StorageRole::Metadata, &self.pk));
-        out.push(HeldBuffer::tensor(StorageRole::Metadata, &self.pv));
-        self.slots.held(&mut out);
-        out
+        self.parts().held_buffers()
     }
 
     fn reset(&mut self) {

@@ -4,7 +4,8 @@
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use kv_core::{
-    HeldBuffer, KvBlock, KvShape, PAD, StorageDtype, StorageRole, check_block, check_positions,
+    HeldBuffer, KvBlock, KvShape, Lengths, MemoryReport, PAD, StorageDtype, StorageRole,
+    check_block, check_positions,
 };
 
 /// Positions and logical counts of the slots a cache holds.
@@ -131,5 +132,50 @@ pub(crate) fn held_tensor<const D: usize>(
 ) {
     if let Some(t) = t {
         out.push(HeldBuffer::tensor(role, t));
+    }
+}
+
+/// What a latent cache (Eigen Attention, Palu) holds: projected keys and values of every slot
+/// and the two projection bases, which are counted as metadata.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LatentParts<'a> {
+    pub(crate) slots: &'a Slots,
+    pub(crate) keys: Option<&'a Tensor<4>>,
+    pub(crate) values: Option<&'a Tensor<4>>,
+    pub(crate) bases: [&'a Tensor<3>; 2],
+}
+
+impl LatentParts<'_> {
+    /// Slots held per stream and tokens given per sequence.
+    pub(crate) fn lengths(&self, shape: &KvShape) -> Lengths {
+        Lengths {
+            held: vec![self.slots.len(); shape.streams()],
+            logical: self.slots.logical().to_vec(),
+        }
+    }
+
+    /// The bytes held: latents as keys and values, positions and bases as metadata.
+    pub(crate) fn memory(&self, shape: &KvShape) -> MemoryReport {
+        MemoryReport {
+            key_bytes: bytes(self.keys),
+            value_bytes: bytes(self.values),
+            metadata_bytes: self.slots.metadata_bytes()
+                + self.bases.iter().map(|b| bytes(Some(*b))).sum::<usize>(),
+            logical_elements: self.slots.logical_elements(shape),
+            logical_tokens: self.slots.logical_tokens(),
+            held_token_slots: shape.streams() * self.slots.len(),
+        }
+    }
+
+    /// Every buffer held, in the order [`LatentParts::memory`] counts them.
+    pub(crate) fn held_buffers(&self) -> Vec<HeldBuffer> {
+        let mut out = Vec::new();
+        held_tensor(&mut out, StorageRole::Keys, self.keys);
+        held_tensor(&mut out, StorageRole::Values, self.values);
+        for b in self.bases {
+            out.push(HeldBuffer::tensor(StorageRole::Metadata, b));
+        }
+        self.slots.held(&mut out);
+        out
     }
 }
