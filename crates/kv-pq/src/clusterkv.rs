@@ -31,7 +31,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::budget::{self, Budget};
 use crate::kmeans::{KMeansConfig, kmeans, one_hot};
-use crate::select::{attend_selected, key_positions};
+use crate::select::{
+    attend_selected, key_positions, select_unless_stats, selected_or_dense, selected_or_dense_lse,
+};
 
 fn default_clusters() -> usize {
     400
@@ -391,23 +393,13 @@ impl KvCache for ClusterKvCache {
 
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
         check_query(&self.config.shape, query, "ClusterKvCache::attend")?;
-        if !stats.any()
-            && let Some((out, _)) = self.attend_selected(query)
-        {
-            return Ok(Attended {
-                output: out,
-                stats: Default::default(),
-            });
-        }
-        self.inner.attend(query, stats)
+        let selected = select_unless_stats(stats, || self.attend_selected(query));
+        selected_or_dense(selected, &mut self.inner, query, stats)
     }
 
     fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
         check_query(&self.config.shape, query, "ClusterKvCache::attend_lse")?;
-        match self.attend_selected(query) {
-            Some(r) => Ok(r),
-            None => self.inner.attend_lse(query),
-        }
+        selected_or_dense_lse(self.attend_selected(query), &mut self.inner, query)
     }
 
     /// Clusters every held key (once; later calls do nothing).

@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 use crate::budget::{self, Budget};
 use crate::kmeans::KMeansConfig;
 use crate::pq::ProductQuantizer;
-use crate::select::{attend_selected, key_positions};
+use crate::select::{
+    attend_selected, key_positions, select_unless_stats, selected_or_dense, selected_or_dense_lse,
+};
 
 fn default_subspaces() -> usize {
     2
@@ -412,23 +414,13 @@ impl KvCache for PqCache {
 
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
         check_query(&self.config.shape, query, "PqCache::attend")?;
-        if !stats.any()
-            && let Some((out, _)) = self.attend_selected(query)
-        {
-            return Ok(Attended {
-                output: out,
-                stats: Default::default(),
-            });
-        }
-        self.inner.attend(query, stats)
+        let selected = select_unless_stats(stats, || self.attend_selected(query));
+        selected_or_dense(selected, &mut self.inner, query, stats)
     }
 
     fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
         check_query(&self.config.shape, query, "PqCache::attend_lse")?;
-        match self.attend_selected(query) {
-            Some(r) => Ok(r),
-            None => self.inner.attend_lse(query),
-        }
+        selected_or_dense_lse(self.attend_selected(query), &mut self.inner, query)
     }
 
     /// Trains the codebooks on every held key (once; later calls do nothing).

@@ -26,7 +26,10 @@ use kv_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::budget::{self, Budget};
-use crate::select::{attend_selected, bool_tensor, key_positions, visibility};
+use crate::select::{
+    attend_selected, bool_tensor, key_positions, select_unless_stats, selected_or_dense,
+    selected_or_dense_lse, visibility,
+};
 
 fn default_page() -> usize {
     16
@@ -353,23 +356,13 @@ impl KvCache for QuestCache {
 
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
         check_query(&self.config.shape, query, "QuestCache::attend")?;
-        if !stats.any()
-            && let Some((out, _)) = self.attend_pages(query)
-        {
-            return Ok(Attended {
-                output: out,
-                stats: Default::default(),
-            });
-        }
-        self.inner.attend(query, stats)
+        let selected = select_unless_stats(stats, || self.attend_pages(query));
+        selected_or_dense(selected, &mut self.inner, query, stats)
     }
 
     fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
         check_query(&self.config.shape, query, "QuestCache::attend_lse")?;
-        match self.attend_pages(query) {
-            Some(r) => Ok(r),
-            None => self.inner.attend_lse(query),
-        }
+        selected_or_dense_lse(self.attend_pages(query), &mut self.inner, query)
     }
 
     fn view(&self) -> KvView {

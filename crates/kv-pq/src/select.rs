@@ -10,7 +10,48 @@
 //! [`kv_core::reference_attention`].
 
 use burn::prelude::*;
-use kv_core::PAD;
+use kv_core::{Attended, DenseCache, KvCache, PAD, Query, StatsRequest};
+
+/// A selection cache's `attend`: the selected attention when the cache selected, else the
+/// dense cache's exact attention. Statistics need every key, so a request for them always
+/// takes the dense path (callers skip selecting then: see [`select_unless_stats`]).
+pub(crate) fn selected_or_dense(
+    selected: Option<(Tensor<4>, Tensor<4>)>,
+    dense: &mut DenseCache,
+    query: &Query,
+    stats: StatsRequest,
+) -> kv_core::Result<Attended> {
+    if !stats.any()
+        && let Some((output, _)) = selected
+    {
+        return Ok(Attended {
+            output,
+            stats: Default::default(),
+        });
+    }
+    dense.attend(query, stats)
+}
+
+/// Runs `select` only when no statistics are requested.
+pub(crate) fn select_unless_stats(
+    stats: StatsRequest,
+    select: impl FnOnce() -> Option<(Tensor<4>, Tensor<4>)>,
+) -> Option<(Tensor<4>, Tensor<4>)> {
+    if stats.any() { None } else { select() }
+}
+
+/// A selection cache's `attend_lse`: the selected attention with its log-sum-exp, else the
+/// dense cache's.
+pub(crate) fn selected_or_dense_lse(
+    selected: Option<(Tensor<4>, Tensor<4>)>,
+    dense: &mut DenseCache,
+    query: &Query,
+) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
+    match selected {
+        Some(r) => Ok(r),
+        None => dense.attend_lse(query),
+    }
+}
 
 fn to_i32(p: u32, pad: i32) -> i32 {
     if p == PAD {
