@@ -48,6 +48,9 @@ fn name_at(i: usize, spec: &MethodSpec) -> String {
 /// a decode-time policy or a preset with other stages, an evicted tier without a selection or
 /// that is not a codec.
 pub fn plan(spec: &PipelineSpec) -> Result<Plan> {
+    if let Some(fused) = fuse_think_kivi(spec)? {
+        return plan(&fused);
+    }
     let entries: Vec<MethodEntry> = spec
         .stages
         .iter()
@@ -140,7 +143,11 @@ pub fn plan(spec: &PipelineSpec) -> Result<Plan> {
         .map(|(i, s)| (format!("stages[{i}]"), s))
         .chain(spec.evicted.iter().map(|s| ("evicted".to_owned(), s)))
     {
-        if after_selection && NEEDS_PREFILL_QUERIES.contains(&s.name.as_str()) {
+        let prunes = s.name == "kivi"
+            && s.params
+                .get("prune")
+                .is_some_and(|v| v.parse::<f64>().map_or(true, |r| r > 0.0));
+        if after_selection && (prunes || NEEDS_PREFILL_QUERIES.contains(&s.name.as_str())) {
             return Err(ComposeError::Conflict {
                 stages: format!("stages[0] `{}` and {at} `{}`", spec.stages[0].name, s.name),
                 reason: format!(
@@ -177,6 +184,60 @@ pub fn plan(spec: &PipelineSpec) -> Result<Plan> {
         },
         _ => unreachable!("three stages always contain a conflicting pair"),
     }
+}
+
+/// ThinK + KIVI written as two stages, `think[:ratio=λ,window=W]|kivi[:...]`, is one KIVI
+/// cache whose quantized keys drop ThinK's channels (`kivi:prune=λ,prune_window=W`, see
+/// `kv_quant::KiviConfig::prune_ratio`), as the ThinK reference's `ThinK_kivi` does: the two
+/// are not separate storage stages (ThinK decides which channels KIVI quantizes).
+fn fuse_think_kivi(spec: &PipelineSpec) -> Result<Option<PipelineSpec>> {
+    let [think, kivi] = spec.stages.as_slice() else {
+        return Ok(None);
+    };
+    if think.name != "think" || kivi.name != "kivi" {
+        return Ok(None);
+    }
+    let pair = || "stages[0] `think` and stages[1] `kivi`".to_owned();
+    if let Some(ev) = &spec.evicted {
+        return Err(ComposeError::Conflict {
+            stages: format!("{} and evicted `{}`", pair(), ev.name),
+            reason: "ThinK + KIVI evicts no token; an evicted tier needs a selection".into(),
+        });
+    }
+    if kivi.params.contains_key("prune") || kivi.params.contains_key("prune_window") {
+        return Err(ComposeError::Conflict {
+            stages: pair(),
+            reason: "`think` already sets KIVI's key pruning (prune, prune_window); give λ as                      think's ratio and the query window as think's window"
+                .into(),
+        });
+    }
+    let mut fused = kivi.clone();
+    let mut ratio = think.ratio;
+    for (k, v) in &think.params {
+        match k.as_str() {
+            "ratio" => {
+                ratio = Some(
+                    v.parse()
+                        .map_err(|_| think.bad("ratio", &format!("`{v}` is not a number")))?,
+                );
+            }
+            "window" => {
+                fused.params.insert("prune_window".into(), v.clone());
+            }
+            other => {
+                return Err(ComposeError::Conflict {
+                    stages: pair(),
+                    reason: format!(
+                        "think's `{other}` does not apply in ThinK + KIVI: recent tokens keep all                          channels in KIVI's full-precision window (kivi's residual), and the                          storage is KIVI's"
+                    ),
+                });
+            }
+        }
+    }
+    fused
+        .params
+        .insert("prune".into(), ratio.unwrap_or(0.4).to_string());
+    Ok(Some(PipelineSpec::single(fused)))
 }
 
 /// Maps a build error of a codec factory into the cache error a factory returns.

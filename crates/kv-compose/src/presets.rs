@@ -51,6 +51,26 @@ pub(crate) fn minikv(spec: &MethodSpec) -> Result<PipelineSpec> {
     Ok(PipelineSpec::new(vec![selection, kivi]))
 }
 
+/// Parameters of `think_kivi`.
+pub(crate) const THINK_KIVI_PARAMS: &[&str] = &["window", "bits", "group", "residual"];
+
+/// ThinK + KIVI (Xu et al., 2024, arXiv 2407.21018, `ThinK_kivi`): KIVI (2 bits, group 32,
+/// fp16 window 128 by default, as in the reference's KIVI settings) whose quantized keys drop
+/// the fraction `ratio` (`λ`, default 0.4) of their channels, chosen once from the last
+/// `window` (32) prefill queries. Expands to `think:ratio=λ,window=W|kivi:...`, which
+/// [`plan`](crate::plan) fuses into `kivi:prune=λ,prune_window=W,...`.
+pub(crate) fn think_kivi(spec: &MethodSpec) -> Result<PipelineSpec> {
+    let mut think = MethodSpec::new("think").with_ratio(spec.ratio.unwrap_or(0.4));
+    if spec.params.contains_key("window") {
+        think = think.with("window", count(spec, "window", 32)?);
+    }
+    let kivi = MethodSpec::new("kivi")
+        .with("bits", count(spec, "bits", 2)?)
+        .with("group", count(spec, "group", 32)?)
+        .with("residual", count(spec, "residual", 128)?);
+    Ok(PipelineSpec::new(vec![think, kivi]))
+}
+
 /// Parameters of `mikv`.
 pub(crate) const MIKV_PARAMS: &[&str] = &["high", "low_bits", "group"];
 

@@ -487,6 +487,15 @@ pub fn registry() -> Vec<MethodEntry> {
             builder: Builder::Preset(crate::presets::minikv),
         },
         MethodEntry {
+            name: "think_kivi",
+            summary: "ThinK + KIVI: KIVI-2 (group 32, fp16 window 128) whose quantized keys \
+                      drop the ratio (0.4) of channels with the least query-weighted energy, \
+                      chosen from the last 32 prefill queries; same as think|kivi",
+            params: crate::presets::THINK_KIVI_PARAMS,
+            takes_ratio: true,
+            builder: Builder::Preset(crate::presets::think_kivi),
+        },
+        MethodEntry {
             name: "mikv",
             summary: "MiKV: accumulated-attention importance; the top tokens in fp16 (or int8), \
                       the rest (ratio 0.75) kept at 2 bits instead of evicted",

@@ -19,6 +19,22 @@
 //! of every sequence in full precision for good (attention sinks); the tokens after them follow
 //! the rules above as if the sequence started there.
 //!
+//! # ThinK + KIVI ([`KiviConfig::prune_ratio`] `λ > 0`)
+//! ThinK's query-driven key-channel pruning applied to KIVI's quantized keys, as in
+//! SalesforceAIResearch/ThinK `ThinK_kivi/models/llama_kivi_think.py`: at the first
+//! [`end_prefill`](KvCache::end_prefill) each (sequence, KV head) keeps the `d − ⌊λ·d⌋` key
+//! channels with the highest `mean(q_c²) · mean(k_c²)` (the last [`KiviConfig::prune_window`]
+//! prefill queries of the head's GQA group, the keys about to be quantized), and from then on
+//! every key that spills into the quantized store, at prefill and in decode, is stored on
+//! those channels only (codes, scales and zero points shrink by `d'/d`). The full-precision
+//! window keeps all channels; values are plain KIVI. Attention scores a quantized key with the
+//! query's kept channels (`q[C] · k[C]`, scale `1/√d`). Until the channels are decided, keys do
+//! not spill (the prefill's keys wait in the window, as the reference quantizes them only at
+//! the end of its prefill forward). Deviations: the reference asserts no GQA
+//! (`num_key_value_groups == 1`); here the group's queries are averaged, as kv-lowrank's ThinK
+//! does. `λ = 0` is plain KIVI. With pruning, attention takes the streamed path (the fused
+//! host kernels read whole-width codes).
+//!
 //! # Attention
 //! The reference computes each forward's attention with the *current* call's keys and values
 //! in full precision (prefill uses the fp tensors; a decode token is in the fp window when it
@@ -44,7 +60,7 @@
 //! tests compare both paths with.
 
 use burn::prelude::*;
-use burn::tensor::FloatDType;
+use burn::tensor::{FloatDType, IndexingUpdateOp, IntDType};
 use kv_core::positions_per_head;
 use kv_core::{
     Attended, HeldBuffer, KeyPositions, KvBlock, KvCache, KvError, KvShape, KvView, Lengths,
@@ -99,6 +115,19 @@ pub struct KiviConfig {
     /// spirit of KVQuant's `first_few_fp16`, measured in `docs/techniques/quant.md`.
     #[serde(default)]
     pub sinks: usize,
+    /// ThinK + KIVI (Xu et al. 2024, `ThinK_kivi`): the fraction `λ` of key channels pruned
+    /// from every *quantized* key, `[0, 1)`; 0 (the default) is plain KIVI. See the module
+    /// docs, "ThinK + KIVI".
+    #[serde(default)]
+    pub prune_ratio: f64,
+    /// ThinK + KIVI: the last prefill query tokens that score the key channels (32 in the
+    /// reference).
+    #[serde(default = "default_prune_window")]
+    pub prune_window: usize,
+}
+
+fn default_prune_window() -> usize {
+    32
 }
 
 impl KiviConfig {
@@ -115,6 +144,8 @@ impl KiviConfig {
             residual_dtype: StorageDtype::F16,
             current_in_full_precision: true,
             sinks: 0,
+            prune_ratio: 0.0,
+            prune_window: 32,
         }
     }
     /// Sets the code width.
@@ -158,6 +189,21 @@ impl KiviConfig {
         self.current_in_full_precision = on;
         self
     }
+    /// ThinK + KIVI: prunes the fraction `ratio` of key channels from the quantized keys,
+    /// scored by the last `window` prefill queries (0: plain KIVI).
+    pub fn with_key_pruning(mut self, ratio: f64, window: usize) -> Self {
+        self.prune_ratio = ratio;
+        self.prune_window = window;
+        self
+    }
+    /// Key channels kept in the quantized store: `d − ⌊λ·d⌋` (`d` without pruning).
+    pub fn kept_key_channels(&self) -> usize {
+        let d = self.shape.head_dim();
+        if !(0.0..1.0).contains(&self.prune_ratio) {
+            return d;
+        }
+        d - ((self.prune_ratio * d as f64).floor() as usize).min(d)
+    }
 
     /// The parameter names [`from_params`](Self::from_params) accepts.
     pub const PARAMS: &'static [&'static str] = &[
@@ -170,6 +216,8 @@ impl KiviConfig {
         "residual_dtype",
         "current_full",
         "sinks",
+        "prune",
+        "prune_window",
     ];
 
     /// The default config with `key=value` parameters applied: `bits`, `key_bits`,
@@ -214,6 +262,12 @@ impl KiviConfig {
                 "group" => cfg.group = int("group", v)?,
                 "residual" => cfg.residual = int("residual", v)?,
                 "sinks" => cfg.sinks = int("sinks", v)?,
+                "prune" => {
+                    cfg.prune_ratio = v
+                        .parse()
+                        .map_err(|_| bad("prune", v, "a fraction in [0, 1)"))?;
+                }
+                "prune_window" => cfg.prune_window = int("prune_window", v)?,
                 "scale_dtype" => cfg.scale_dtype = dtype("scale_dtype", v)?,
                 "residual_dtype" => cfg.residual_dtype = dtype("residual_dtype", v)?,
                 "current_full" => {
@@ -249,6 +303,27 @@ impl KiviConfig {
                 group: self.group,
                 axis: "residual window (R must be a positive multiple of G)",
                 len: self.residual,
+            });
+        }
+        if !(0.0..1.0).contains(&self.prune_ratio) {
+            return Err(QuantError::InvalidConfig {
+                field: "prune_ratio",
+                reason: format!(
+                    "{} must be in [0, 1) (the fraction of key channels ThinK prunes)",
+                    self.prune_ratio
+                ),
+            });
+        }
+        if self.prune_ratio > 0.0 && self.prune_window == 0 {
+            return Err(QuantError::InvalidConfig {
+                field: "prune_window",
+                reason: "at least one prefill query must score the key channels".into(),
+            });
+        }
+        if self.prune_ratio > 0.0 && self.sinks > 0 {
+            return Err(QuantError::InvalidConfig {
+                field: "prune_ratio",
+                reason: "ThinK key pruning and fp sinks cannot be combined".into(),
             });
         }
         let d = self.shape.head_dim();
@@ -287,6 +362,9 @@ impl KiviConfig {
             len: 0,
             positions: vec![Vec::new(); self.shape.batch()],
             logical: vec![0; self.shape.batch()],
+            kept: None,
+            kept_host: Vec::new(),
+            queries: None,
         })
     }
 
@@ -304,15 +382,19 @@ impl KiviConfig {
         let t = t - sinks;
         let tk = t - t % r;
         let tv = t.saturating_sub(r);
-        let quant = |spec: &QuantSpec, n: usize| {
+        let quant = |spec: &QuantSpec, n: usize, d: usize| {
             if n == 0 {
                 0
             } else {
                 spec.stored_bytes([b, h, n, d])
             }
         };
-        Ok(quant(&ks, tk)
-            + quant(&vs, tv)
+        // ThinK + KIVI: the kept channel indices, on the device (i32) and the host (u32).
+        let dk = self.kept_key_channels();
+        let mask = if dk < d { 2 * b * h * dk * 4 } else { 0 };
+        Ok(quant(&ks, tk, dk)
+            + quant(&vs, tv, d)
+            + mask
             + b * h * d * fp * ((t - tk) + (t - tv))
             + sink_bytes
             + positions)
@@ -337,6 +419,13 @@ pub struct KiviCache {
     len: usize,
     positions: Vec<Vec<u32>>,
     logical: Vec<usize>,
+    /// ThinK + KIVI: kept key channels (ascending) per (sequence, KV head), `[b, h, 1, d']`
+    /// i32, decided at the first `end_prefill`.
+    kept: Option<Tensor<4, Int>>,
+    /// The same indices on the host.
+    kept_host: Vec<Vec<u32>>,
+    /// ThinK + KIVI: the last `prune_window` queries attended before the channels are decided.
+    queries: Option<Tensor<4>>,
 }
 
 /// Keys per chunk of the streamed attention (rounded down to whole groups, at least one).
@@ -425,6 +514,135 @@ impl KiviCache {
         self.pending.as_ref().map_or(0, |(k, _)| k.dims()[2])
     }
 
+    /// ThinK + KIVI: the key channels kept in the quantized store for sequence `b`, KV head
+    /// `h` (ascending); `None` without pruning or before they are decided.
+    pub fn kept_key_channels(&self, b: usize, h: usize) -> Option<&[u32]> {
+        self.kept_host
+            .get(b * self.config.shape.kv_heads() + h)
+            .map(Vec::as_slice)
+    }
+
+    /// Whether quantized keys drop channels (ThinK + KIVI with `⌊λ·d⌋ ≥ 1`).
+    fn prunes(&self) -> bool {
+        self.config.kept_key_channels() < self.config.shape.head_dim()
+    }
+
+    /// Whether key spills wait for the channels to be decided at `end_prefill`.
+    fn awaiting_channels(&self) -> bool {
+        self.prunes() && self.kept.is_none()
+    }
+
+    /// Quantizes keys `[b, h, n, d]` per channel, on the kept channels when pruning.
+    fn quantize_keys(&self, x: Tensor<4>) -> Result<QuantizedTensor> {
+        let x = x.cast(FloatDType::F32);
+        let x = match &self.kept {
+            Some(kept) => {
+                let [b, h, n, _] = x.dims();
+                let dk = kept.dims()[3];
+                x.gather(3, kept.clone().expand([b, h, n, dk]))
+            }
+            None => x,
+        };
+        self.key_spec.quantize_finite(x)
+    }
+
+    /// Dequantized keys on the kept channels `[b, h, n, d']` back to `[b, h, n, d]` with zeros
+    /// in the pruned channels, so that `q · k` over all channels is `q[C] · k[C]`.
+    fn widen_keys(&self, x: Tensor<4>) -> Tensor<4> {
+        match &self.kept {
+            Some(kept) => {
+                let [b, h, n, dk] = x.dims();
+                let d = self.config.shape.head_dim();
+                Tensor::<4>::zeros([b, h, n, d], &self.device).scatter(
+                    3,
+                    kept.clone().expand([b, h, n, dk]),
+                    x,
+                    IndexingUpdateOp::Assign,
+                )
+            }
+            None => x,
+        }
+    }
+
+    /// ThinK + KIVI: keeps the last `prune_window` query tokens seen before the channels are
+    /// decided.
+    fn record_queries(&mut self, q: &Tensor<4>) {
+        if !self.awaiting_channels() {
+            return;
+        }
+        let [b, qh, _, d] = q.dims();
+        let w = self.config.prune_window;
+        let joined = match self.queries.take() {
+            Some(prev) => Tensor::cat(vec![prev, q.clone()], 2),
+            None => q.clone(),
+        };
+        let len = joined.dims()[2];
+        self.queries = Some(if len > w {
+            joined.slice([0..b, 0..qh, len - w..len, 0..d])
+        } else {
+            joined
+        });
+    }
+
+    /// ThinK's query-driven channel choice (`key_pruner_query_driven`), then the key spill
+    /// that waited for it. Channel `c` of KV head `h` scores `mean(q_c²) · mean(k_c²)` over the
+    /// recorded queries of the head's GQA group and over the keys about to be quantized (all
+    /// window keys when fewer than `R`); the `⌊λ·d⌋` lowest are pruned, ties pruning the lower
+    /// channel first. Without recorded queries the key energy alone scores.
+    fn decide_channels(&mut self) -> Result<()> {
+        let Some(kf) = self.k_full.clone() else {
+            return Ok(());
+        };
+        let s = self.config.shape;
+        let (b, h, d, r) = (s.batch(), s.kv_heads(), s.head_dim(), self.config.residual);
+        let dk = self.config.kept_key_channels();
+        let m = kf.dims()[2];
+        let spill = m - m % r;
+        let scored = if spill > 0 { spill } else { m };
+        let keys = slice_tokens(&kf, 0..scored).cast(FloatDType::F32);
+        let kn = keys.powi_scalar(2).mean_dim(2); // [b, h, 1, d]
+        let score = match self.queries.take() {
+            Some(q) => {
+                let [_, qh, w, _] = q.dims();
+                let qn = q
+                    .cast(FloatDType::F32)
+                    .powi_scalar(2)
+                    .reshape([b, h, (qh / h) * w, d])
+                    .mean_dim(2);
+                qn * kn
+            }
+            None => kn,
+        };
+        let score = score
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .expect("invariant: f32 scores read back");
+        let mut kept_host = Vec::with_capacity(b * h);
+        let mut flat = Vec::with_capacity(b * h * dk);
+        for stream in 0..b * h {
+            let sc = &score[stream * d..(stream + 1) * d];
+            let mut order: Vec<usize> = (0..d).collect();
+            order.sort_by(|&x, &y| sc[x].total_cmp(&sc[y]).then(x.cmp(&y)));
+            let mut keep: Vec<u32> = order[d - dk..].iter().map(|&c| c as u32).collect();
+            keep.sort_unstable();
+            flat.extend(keep.iter().map(|&c| c as i32));
+            kept_host.push(keep);
+        }
+        let kept = Tensor::<1, Int>::from_data(TensorData::new(flat, [b * h * dk]), &self.device)
+            .cast(IntDType::I32)
+            .reshape([b, h, 1, dk]);
+        self.kept = Some(kept);
+        self.kept_host = kept_host;
+        if spill > 0 {
+            let (k_spill, k_full) = split_at(kf, spill);
+            let k_new = k_spill.map(|x| self.quantize_keys(x)).transpose()?;
+            self.k_quant = join(self.k_quant.take(), k_new)?;
+            self.k_full = k_full;
+        }
+        Ok(())
+    }
+
     /// Keys and values as attention sees them, fp32 `[batch, kv_heads, len, head_dim]`:
     /// dequantized store, then the window, with the pending block as given.
     pub fn dequantized(&self) -> Option<(Tensor<4>, Tensor<4>)> {
@@ -437,37 +655,40 @@ impl KiviCache {
     fn tokens_fp32(&self, range: core::ops::Range<usize>) -> (Tensor<4>, Tensor<4>) {
         let (a, b) = (range.start, range.end);
         let sh = self.sink_tokens();
-        let part =
-            |q: &Option<QuantizedTensor>, f: &Option<Tensor<4>>, sink: Option<&Tensor<4>>| {
-                let mut parts = Vec::with_capacity(3);
-                if let Some(sk) = sink
-                    && a < sh
-                {
-                    parts.push(slice_tokens(sk, a..b.min(sh)).cast(FloatDType::F32));
-                }
-                if b <= sh {
-                    return Tensor::cat(parts, 2);
-                }
-                // Indices past the sinks, local to the quantized store and window.
-                let (a, b) = (a.max(sh) - sh, b - sh);
-                let tq = q.as_ref().map_or(0, QuantizedTensor::tokens);
-                if let Some(q) = q
-                    && a < tq
-                {
-                    // Chunk starts are multiples of G and `tq` is a multiple of R for keys: the
-                    // slice falls on group boundaries.
-                    parts.push(q.slice_tokens_aligned(a..b.min(tq)).dequantize());
-                }
-                if let Some(f) = f
-                    && b > tq
-                {
-                    parts.push(slice_tokens(f, a.max(tq) - tq..b - tq).cast(FloatDType::F32));
-                }
-                Tensor::cat(parts, 2)
-            };
+        let part = |q: &Option<QuantizedTensor>,
+                    f: &Option<Tensor<4>>,
+                    sink: Option<&Tensor<4>>,
+                    keys: bool| {
+            let mut parts = Vec::with_capacity(3);
+            if let Some(sk) = sink
+                && a < sh
+            {
+                parts.push(slice_tokens(sk, a..b.min(sh)).cast(FloatDType::F32));
+            }
+            if b <= sh {
+                return Tensor::cat(parts, 2);
+            }
+            // Indices past the sinks, local to the quantized store and window.
+            let (a, b) = (a.max(sh) - sh, b - sh);
+            let tq = q.as_ref().map_or(0, QuantizedTensor::tokens);
+            if let Some(q) = q
+                && a < tq
+            {
+                // Chunk starts are multiples of G and `tq` is a multiple of R for keys: the
+                // slice falls on group boundaries.
+                let x = q.slice_tokens_aligned(a..b.min(tq)).dequantize();
+                parts.push(if keys { self.widen_keys(x) } else { x });
+            }
+            if let Some(f) = f
+                && b > tq
+            {
+                parts.push(slice_tokens(f, a.max(tq) - tq..b - tq).cast(FloatDType::F32));
+            }
+            Tensor::cat(parts, 2)
+        };
         let sink = self.sink.as_ref();
-        let mut k = part(&self.k_quant, &self.k_full, sink.map(|(k, _)| k));
-        let mut v = part(&self.v_quant, &self.v_full, sink.map(|(_, v)| v));
+        let mut k = part(&self.k_quant, &self.k_full, sink.map(|(k, _)| k), true);
+        let mut v = part(&self.v_quant, &self.v_full, sink.map(|(_, v)| v), false);
         if let Some((pk, pv)) = &self.pending {
             let np = pk.dims()[2];
             let p0 = self.len - np;
@@ -486,7 +707,8 @@ impl KiviCache {
     /// decode-sized queries on CPU backends ([`attend_fused`](Self::attend_fused)), the
     /// streamed tensor ops otherwise ([`attend_chunked`](Self::attend_chunked)).
     fn attend_fast(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
-        if use_host(&self.device, query, self.config.shape.kv_heads()) {
+        // The fused kernels read whole-width key codes; pruned keys take the streamed path.
+        if self.kept.is_none() && use_host(&self.device, query, self.config.shape.kv_heads()) {
             self.attend_fused(query)
         } else {
             self.attend_chunked(query)
@@ -623,10 +845,14 @@ impl KvCache for KiviCache {
             Some(kr) => {
                 let kf = cat_tokens(self.k_full.clone(), kr.cast(dtype));
                 let m = kf.dims()[2];
-                let (k_spill, k_full) = split_at(kf, m - m % r);
-                let k_new = k_spill
-                    .map(|x| self.key_spec.quantize_finite(x.cast(FloatDType::F32)))
-                    .transpose()?;
+                // ThinK + KIVI: nothing spills until `end_prefill` has chosen the channels.
+                let spill = if self.awaiting_channels() {
+                    0
+                } else {
+                    m - m % r
+                };
+                let (k_spill, k_full) = split_at(kf, spill);
+                let k_new = k_spill.map(|x| self.quantize_keys(x)).transpose()?;
                 (join(self.k_quant.clone(), k_new)?, k_full)
             }
             None => (self.k_quant.clone(), self.k_full.clone()),
@@ -661,6 +887,7 @@ impl KvCache for KiviCache {
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
         const OP: &str = "KiviCache::attend";
         check_query(&self.config.shape, query, OP)?;
+        self.record_queries(query.tensor());
         if self.len == 0 {
             return Ok(Attended {
                 output: query.tensor().zeros_like(),
@@ -690,6 +917,7 @@ impl KvCache for KiviCache {
 
     fn attend_lse(&mut self, query: &Query) -> kv_core::Result<(Tensor<4>, Tensor<4>)> {
         check_query(&self.config.shape, query, "KiviCache::attend_lse")?;
+        self.record_queries(query.tensor());
         if self.len == 0 {
             return Ok(empty_lse(query, self.config.shape.kv_heads()));
         }
@@ -698,6 +926,9 @@ impl KvCache for KiviCache {
 
     fn end_prefill(&mut self) -> kv_core::Result<()> {
         self.pending = None;
+        if self.awaiting_channels() {
+            self.decide_channels()?;
+        }
         Ok(())
     }
 
@@ -743,7 +974,17 @@ impl KvCache for KiviCache {
         MemoryReport {
             key_bytes: q(&self.k_quant) + fp(&self.k_full) + pk + sk,
             value_bytes: q(&self.v_quant) + fp(&self.v_full) + pv + sv,
-            metadata_bytes: s.batch() * self.len * core::mem::size_of::<u32>(),
+            metadata_bytes: s.batch() * self.len * core::mem::size_of::<u32>()
+                + fp(&self.queries)
+                + self
+                    .kept
+                    .as_ref()
+                    .map_or(0, |k| k.shape().num_elements() * k.dtype().size())
+                + self
+                    .kept_host
+                    .iter()
+                    .map(|k| core::mem::size_of_val(k.as_slice()))
+                    .sum::<usize>(),
             logical_elements: 2 * logical_tokens * s.kv_heads() * s.head_dim(),
             logical_tokens,
             held_token_slots: s.streams() * self.len,
@@ -771,6 +1012,15 @@ impl KvCache for KiviCache {
         for p in &self.positions {
             out.push(HeldBuffer::host(StorageRole::Metadata, p));
         }
+        if let Some(q) = &self.queries {
+            out.push(HeldBuffer::tensor(StorageRole::Metadata, q));
+        }
+        if let Some(k) = &self.kept {
+            out.push(HeldBuffer::tensor(StorageRole::Metadata, k));
+        }
+        for k in &self.kept_host {
+            out.push(HeldBuffer::host(StorageRole::Metadata, k));
+        }
         out
     }
 
@@ -781,6 +1031,9 @@ impl KvCache for KiviCache {
         self.v_full = None;
         self.pending = None;
         self.sink = None;
+        self.kept = None;
+        self.kept_host = Vec::new();
+        self.queries = None;
         self.len = 0;
         for p in &mut self.positions {
             *p = Vec::new();

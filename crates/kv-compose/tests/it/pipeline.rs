@@ -300,6 +300,8 @@ fn presets_run() {
         "minikv:group=4,residual=8",
         "mikv:group=8",
         "mikv:high=int8,group=8",
+        "think_kivi:group=8,residual=16",
+        "think:ratio=0.5|kivi:group=8,residual=16,bits=4",
     ] {
         let shape = KvShape::new(1, 2, 4, 32).expect("shape");
         let mut c = cx(&d);

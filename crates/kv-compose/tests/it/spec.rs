@@ -140,6 +140,41 @@ fn stage_orders_that_cannot_work_are_rejected_with_both_names() {
     }
 }
 
+/// ThinK + KIVI written as two stages (or the `think_kivi` preset) plans to one KIVI cache
+/// that prunes its quantized keys; settings that cannot apply are rejected by name.
+#[test]
+fn think_then_kivi_fuses_into_pruned_kivi() {
+    let alone = |line: &str| match plan(&PipelineSpec::parse_line(line).expect("parse")) {
+        Ok(kv_compose::Plan::Alone { spec, .. }) => spec.to_stage_string(),
+        other => panic!("{line}: {other:?}"),
+    };
+    assert_eq!(alone("think|kivi"), "kivi:prune=0.4");
+    assert_eq!(
+        alone("think:ratio=0.5,window=16|kivi:bits=4"),
+        "kivi:bits=4,prune=0.5,prune_window=16"
+    );
+    assert_eq!(
+        alone("think_kivi"),
+        "kivi:bits=2,group=32,prune=0.4,residual=128"
+    );
+    assert_eq!(
+        alone("think_kivi:ratio=0.3,window=8,bits=4"),
+        "kivi:bits=4,group=32,prune=0.3,prune_window=8,residual=128"
+    );
+    let conflict = |line: &str| match plan(&PipelineSpec::parse_line(line).expect("parse")) {
+        Err(ComposeError::Conflict { stages, reason }) => format!("{stages}: {reason}"),
+        other => panic!("{line}: expected a conflict, got {other:?}"),
+    };
+    let e = conflict("think:recent=8|kivi");
+    assert!(e.contains("`recent`") && e.contains("residual"), "{e}");
+    let e = conflict("think|kivi:prune=0.2");
+    assert!(e.contains("already sets"), "{e}");
+    let e = conflict("snapkv:ratio=0.5|kivi:prune=0.4");
+    assert!(e.contains("`kivi`") && e.contains("queries"), "{e}");
+    let e = conflict("think|kivi|evicted=q4_0");
+    assert!(e.contains("evicts no token"), "{e}");
+}
+
 #[test]
 fn registry_names_are_unique() {
     let reg = registry();

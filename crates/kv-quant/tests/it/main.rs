@@ -11,3 +11,4 @@ mod kvquant;
 mod packing;
 mod qjl;
 mod quanto;
+mod think_kivi;
