@@ -1,5 +1,6 @@
 //! The foundation of kv-compress: layouts, the per-layer KV cache trait, the reference
-//! attention, dense and ragged per-head storage, RoPE, memory reports and errors.
+//! attention, dense and ragged per-head storage, prefix-shared chunked storage
+//! (ChunkAttention), RoPE, memory reports and errors.
 //!
 //! It holds no compression technique: those live in `kv-quant`, `kv-evict`, `kv-lowrank`,
 //! `kv-share`, `kv-pq`, `kv-dmc` and are stacked by `kv-compose`, all on top of this crate.
@@ -36,6 +37,7 @@
 mod attention;
 mod block;
 mod cache;
+mod chunk;
 mod dense;
 mod error;
 mod layers;
@@ -52,6 +54,7 @@ pub use block::{KvBlock, PAD, Query, contiguous_positions, positions_per_head};
 pub use cache::{
     Attended, KeyRope, KvCache, KvView, Lengths, check_block, check_positions, check_query,
 };
+pub use chunk::{ChunkAttention, ChunkAttentionConfig, ChunkInfo, DEFAULT_CHUNK_SIZE, SeqId};
 pub use dense::{
     DenseCache, DenseCacheConfig, GROWTH_TOKENS, StorageDtype, memory_matches_buffers,
 };

@@ -1,6 +1,7 @@
 //! The evaluation harness of kv-compress: perplexity under any cache method on a real model
-//! and text (three protocols), the token positions a method keeps, memory and speed, as
-//! tables and JSON. The `kv-eval` binary is its command line.
+//! and text (three protocols), the token positions a method keeps, memory and speed, prefix
+//! sharing across a batch (ChunkAttention), as tables and JSON. The `kv-eval` binary is its
+//! command line.
 //!
 //! It does not implement compression methods; it finds them by name in [`method::registry`],
 //! which lists what the technique crates provide.
@@ -14,6 +15,7 @@ pub mod method;
 pub mod needle;
 pub mod plot;
 pub mod ppl;
+pub mod prefix;
 pub mod report;
 pub mod speed;
 

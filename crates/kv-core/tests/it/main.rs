@@ -2,4 +2,5 @@
 
 mod attention;
 mod caches;
+mod chunk;
 mod rope;

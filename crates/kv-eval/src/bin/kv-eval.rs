@@ -35,6 +35,8 @@ USAGE:
                   --out DIR
   kv-eval speed   [--model PATH] [--text PATH] [--contexts 1024,4096] [--decode N]
                   [--method ... | --pipeline ... | --config ...] [--json OUT]
+  kv-eval prefix  [--model PATH] [--text PATH] [--start-at STR] [--sequences 4] [--prefix 2048]
+                  [--suffix 256] [--decode 16] [--chunk 64] [--json OUT]
   kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--tokens N] [--window N]
   kv-eval methods
 
@@ -135,6 +137,7 @@ fn run(raw: &[String]) -> Result<()> {
         "needle" => cmd_needle(&args),
         "sweep" => cmd_sweep(&args),
         "speed" => cmd_speed(&args),
+        "prefix" => cmd_prefix(&args),
         "methods" => {
             let rows: Vec<Vec<String>> = method::registry()
                 .iter()
@@ -688,6 +691,78 @@ fn cmd_speed(args: &Args) -> Result<()> {
         args,
         &serde_json::json!({"method": stages_line(&stages), "device": format!("{:?}", loaded.model.device()), "results": results}),
     )
+}
+
+/// Sequences sharing a prefix through one ChunkAttention store vs each alone (dense cache).
+fn cmd_prefix(args: &Args) -> Result<()> {
+    let mut known = COMMON.to_vec();
+    known.extend(["sequences", "prefix", "suffix", "decode", "chunk"]);
+    args.check_known(&known)?;
+    let settings = kv_eval::prefix::PrefixSettings {
+        sequences: args.usize("sequences")?.unwrap_or(4),
+        prefix: args.usize("prefix")?.unwrap_or(2048),
+        suffix: args.usize("suffix")?.unwrap_or(256),
+        decode: args.usize("decode")?.unwrap_or(16),
+        chunk_size: args.usize("chunk")?.unwrap_or(kv_core::DEFAULT_CHUNK_SIZE),
+    };
+    let (loaded, _, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, args.get("start-at"), false)?;
+    let r = kv_eval::prefix::run(&loaded.model, &ids, settings)?;
+    let mib = |b: usize| format!("{:.2}", b as f64 / (1024.0 * 1024.0));
+    let rows: Vec<Vec<String>> = (0..r.sequences)
+        .map(|s| {
+            vec![
+                s.to_string(),
+                format!("{:.4}", r.ppl_dense[s]),
+                format!("{:.4}", r.ppl_chunked[s]),
+            ]
+        })
+        .collect();
+    println!(
+        "{} sequences: prefix {} + suffix {} tokens ({} batched, {} decode steps), chunk {}",
+        r.sequences,
+        r.prefix,
+        r.suffix,
+        r.suffix - 1 - r.decode_steps,
+        r.decode_steps,
+        r.chunk_size
+    );
+    println!(
+        "{}",
+        table(&["sequence", "ppl dense alone", "ppl chunked batch"], &rows)
+    );
+    println!(
+        "max |logit diff| vs dense alone: {:.3e} (decode steps: {:.3e})",
+        r.max_abs_logit_diff, r.max_abs_logit_diff_decode
+    );
+    println!(
+        "{}",
+        table(
+            &["storage (all layers)", "MiB", "chunks"],
+            &[
+                vec![
+                    "chunked, shared prefix".into(),
+                    mib(r.chunked_bytes),
+                    format!("{} ({} shared)", r.chunks, r.shared_chunks),
+                ],
+                vec![
+                    "chunked, no sharing (K/V)".into(),
+                    mib(r.chunked_unshared_kv_bytes),
+                    String::new(),
+                ],
+                vec![
+                    "dense, each sequence alone".into(),
+                    mib(r.dense_bytes),
+                    String::new(),
+                ],
+            ]
+        )
+    );
+    println!(
+        "wall time: chunked {:.1}s (prefix prefilled once), dense {:.1}s",
+        r.chunked_seconds, r.dense_seconds
+    );
+    write_json(args, &r)
 }
 
 fn cmd_sweep(args: &Args) -> Result<()> {

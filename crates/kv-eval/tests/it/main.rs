@@ -3,4 +3,5 @@
 
 mod evict_conformance;
 mod plot;
+mod prefix;
 mod protocols;

@@ -20,7 +20,7 @@ fn fixture(rel: &str) -> Option<PathBuf> {
     }
 }
 
-fn tiny() -> Option<Llama> {
+pub(crate) fn tiny() -> Option<Llama> {
     let config = LlamaConfig::from_hf_json_file(fixture("kvpress-tiny/tiny_llama_config.json")?)
         .expect("config");
     let w = load_safetensors_f32(fixture("kvpress-tiny/tiny_llama_weights.safetensors")?)
