@@ -468,6 +468,36 @@ pub fn registry() -> Vec<MethodEntry> {
             builder: Builder::Policy(build_dmc),
         },
         MethodEntry {
+            name: "lorc",
+            summary: "LoRC (data free): pre-RoPE key and value latents on the right singular \
+                      vectors of W_k, W_v per KV head, progressive ranks from max_rank (first \
+                      layer, default d) to min_rank (last, default d/4) by cumulative condition \
+                      numbers; needs calibration=PATH (example lorc_weights)",
+            params: kv_lowrank::LorcConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_lorc),
+        },
+        MethodEntry {
+            name: "matryoshka",
+            summary: "MatryoshkaKV (PCA initialisation, no training): keys and values on nested \
+                      PCA bases, per-head ranks averaging rank_k, rank_v (default 0.4 d) \
+                      allocated over the model by eigenvalue share, key_basis=keys (default) or \
+                      query_key; needs calibration=PATH (kv-eval calibrate)",
+            params: kv_lowrank::MatryoshkaConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_matryoshka),
+        },
+        MethodEntry {
+            name: "cskv",
+            summary: "CSKV (closed-form, no training): old tokens as features of the joint \
+                      pre-RoPE keys / values of all heads (k_density 0.25, v_density 0.75), \
+                      the last `window` (32) tokens exact; needs calibration=PATH (kv-eval \
+                      calibrate)",
+            params: kv_lowrank::CskvConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_cskv),
+        },
+        MethodEntry {
             name: "cam",
             summary: "CaM merge-on-evict: sinks (default 4) + recent window (required), each \
                       evicted value merged into the next merge_window (default 32) kept tokens \
@@ -892,4 +922,42 @@ from_params_builders! {
     build_clusterkv => kv_pq::ClusterKvConfig;
     /// CaM-style merge-on-evict (kv-dmc).
     build_cam => kv_dmc::MergeEvictConfig;
+}
+/// One layer's LoRC cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` is the weight
+/// spectra artefact of `cargo run -p kv-lowrank --example lorc_weights`.
+fn build_lorc(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::LorcConfig::from_params(
+        cx.shape,
+        cx.layer,
+        cx.rope.clone(),
+        lowrank_params(spec),
+    )
+    .map_err(&bad)?
+    .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's MatryoshkaKV cache (kv-lowrank): `calibration=PATH` as for Loki.
+fn build_matryoshka(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::MatryoshkaConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
+        .map_err(&bad)?
+        .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's CSKV cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` as for Loki (an
+/// artefact of format version 2, with the joint bases).
+fn build_cskv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::CskvConfig::from_params(
+        cx.shape,
+        cx.layer,
+        cx.rope.clone(),
+        lowrank_params(spec),
+    )
+    .map_err(&bad)?
+    .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }

@@ -206,9 +206,9 @@ impl EigenCache {
     fn parts(&self) -> LatentParts<'_> {
         LatentParts {
             slots: &self.slots,
-            keys: self.keys.as_ref(),
-            values: self.values.as_ref(),
-            bases: [&self.pk, &self.pv],
+            keys: self.keys.iter().collect(),
+            values: self.values.iter().collect(),
+            bases: vec![&self.pk, &self.pv],
         }
     }
 

@@ -1,20 +1,32 @@
 //! Channel and feature-dimension reduction of the KV cache: PCA calibration from a real
 //! model, ThinK (query-driven key channel pruning), Loki (top-k selection from low-rank key
-//! scores), Eigen Attention (attention in low-rank PCA spaces) and Palu (low-rank key and
-//! value latents, keys reconstructed and rotated when attending).
+//! scores), Eigen Attention (attention in low-rank PCA spaces), Palu (low-rank key and
+//! value latents, keys reconstructed and rotated when attending), LoRC (latents from the SVD
+//! of the projection weights, progressive ranks), MatryoshkaKV (nested per-head ranks) and
+//! CSKV (channel-shrunk features with a full-precision recent window).
 //!
 //! It does not drop tokens (see `kv-evict`) nor quantize (see `kv-quant`); pipelines stack
 //! those with these caches in `kv-compose`.
 //!
 //! # Modules
-//! - [`calibration`]: [`CovarianceAccumulator`] (second moments of captured activations),
-//!   [`Calibration`] (per-(layer, KV head) PCA bases from `faer`'s eigendecomposition) and its
-//!   versioned safetensors artefact. The model-side capture is `kv-eval calibrate`.
+//! - [`calibration`]: [`CovarianceAccumulator`] (second moments of captured activations and
+//!   of projection weights), [`Calibration`] (per-(layer, KV head) and joint all-head PCA
+//!   bases and weight spectra from `faer`'s eigendecomposition) and its versioned safetensors
+//!   artefact. The model-side capture is `kv-eval calibrate`; the weight spectra come from the
+//!   example `lorc_weights`.
 //! - [`think`]: [`ThinkCache`], keys of the prefill stored on the kept channels only.
 //! - [`loki`]: [`LokiCache`], keys in a PCA basis, top-k selection from the first `r` dims.
 //! - [`eigen`]: [`EigenCache`], keys and values stored as rank-`r` projections.
 //! - [`palu`]: [`PaluCache`], pre-RoPE key latents and value latents (Palu's decomposition
 //!   from calibration, without weight rewriting), keys rotated when attending.
+//! - [`lorc`]: [`LorcCache`], pre-RoPE key and value latents on the right singular vectors
+//!   of the projection weights (data free), with LoRC's progressive layer-wise ranks.
+//! - [`matryoshka`]: [`MatryoshkaCache`], keys and values on nested truncations of one PCA
+//!   basis per head, per-head ranks that can be lowered while running (PCA initialisation of
+//!   MatryoshkaKV, without its training).
+//! - [`cskv`]: [`CskvCache`], old tokens as low-dimensional features of the joint keys and
+//!   values of all heads, a recent window of original keys and values (CSKV's closed-form
+//!   initialisation, without its training).
 //!
 //! Every cache computes attention itself ([`KvCache::attend`](kv_core::KvCache::attend)),
 //! reports the bytes it physically holds, and rejects bad configs with
@@ -44,8 +56,11 @@
 
 mod attend;
 pub mod calibration;
+pub mod cskv;
 pub mod eigen;
 pub mod loki;
+pub mod lorc;
+pub mod matryoshka;
 pub mod palu;
 mod params;
 mod slots;
@@ -53,10 +68,13 @@ pub mod think;
 
 pub use calibration::{
     Activation, CALIBRATION_VERSION, Calibration, CalibrationMeta, CovarianceAccumulator,
-    orthonormality_error,
+    MIN_CALIBRATION_VERSION, orthonormality_error,
 };
+pub use cskv::{CskvCache, CskvConfig};
 pub use eigen::{EigenCache, EigenConfig};
 pub use loki::{LokiCache, LokiConfig, LokiSelection, TopK};
+pub use lorc::{LorcCache, LorcConfig};
+pub use matryoshka::{MatryoshkaCache, MatryoshkaConfig, RankAllocation};
 pub use palu::{PaluCache, PaluConfig};
 pub use think::{ThinkCache, ThinkConfig};
 

@@ -131,7 +131,7 @@ impl PaluConfig {
         Ok(cfg)
     }
 
-    fn validate(&self) -> kv_core::Result<Rope> {
+    pub(crate) fn validate(&self) -> kv_core::Result<Rope> {
         let d = self.shape.head_dim();
         crate::params::check_rank("rank_k", self.rank_k, d)?;
         crate::params::check_rank("rank_v", self.rank_v, d)?;
@@ -181,16 +181,13 @@ impl PaluConfig {
         let s = &self.shape;
         let pk = calibration.basis(Activation::KeysPreRope, self.layer, s, self.rank_k, device)?;
         let pv = calibration.basis(Activation::Values, self.layer, s, self.rank_v, device)?;
-        Ok(PaluCache {
-            config: self.clone(),
-            device: device.clone(),
+        Ok(PaluCache::from_bases(
+            self.clone(),
             rope,
-            pk,
-            pv,
-            slots: Slots::new(s.batch()),
-            keys: None,
-            values: None,
-        })
+            [pk, pv],
+            device,
+            ["PaluCache::append", "PaluCache::attend"],
+        ))
     }
 }
 
@@ -209,15 +206,40 @@ pub struct PaluCache {
     keys: Option<Tensor<4>>,
     /// Value latents, `[b, h, t, r_v]`.
     values: Option<Tensor<4>>,
+    /// The operation names in error messages (append, attend).
+    ops: [&'static str; 2],
 }
 
 impl PaluCache {
+    /// An empty cache over given key and value bases, `[h, d, r_k]` and `[h, d, r_v]` (LoRC
+    /// reuses it with the right singular vectors of the projection weights); `ops` names the
+    /// append and attend operations in error messages.
+    pub(crate) fn from_bases(
+        config: PaluConfig,
+        rope: Rope,
+        [pk, pv]: [Tensor<3>; 2],
+        device: &Device,
+        ops: [&'static str; 2],
+    ) -> Self {
+        PaluCache {
+            slots: Slots::new(config.shape.batch()),
+            config,
+            device: device.clone(),
+            rope,
+            pk,
+            pv,
+            keys: None,
+            values: None,
+            ops,
+        }
+    }
+
     fn parts(&self) -> LatentParts<'_> {
         LatentParts {
             slots: &self.slots,
-            keys: self.keys.as_ref(),
-            values: self.values.as_ref(),
-            bases: [&self.pk, &self.pv],
+            keys: self.keys.iter().collect(),
+            values: self.values.iter().collect(),
+            bases: vec![&self.pk, &self.pv],
         }
     }
 
@@ -259,8 +281,8 @@ impl KvCache for PaluCache {
     }
 
     fn append(&mut self, block: KvBlock) -> kv_core::Result<()> {
-        const OP: &str = "PaluCache::append";
-        let counts = self.slots.check(&self.config.shape, &block, OP)?;
+        let op = self.ops[0];
+        let counts = self.slots.check(&self.config.shape, &block, op)?;
         let n = block.seq_len();
         let dtype = float_dtype(self.config.dtype);
         let (k, v, pos) = block.into_parts();
@@ -277,9 +299,8 @@ impl KvCache for PaluCache {
     }
 
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
-        const OP: &str = "PaluCache::attend";
         let s = self.config.shape;
-        check_query(&s, query, OP)?;
+        check_query(&s, query, self.ops[1])?;
         let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
             return Ok(Attended {
                 output: query.tensor().zeros_like(),

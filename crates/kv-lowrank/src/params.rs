@@ -52,3 +52,18 @@ pub(crate) fn check_rank(field: &'static str, rank: usize, head_dim: usize) -> k
     }
     Ok(())
 }
+
+/// The error for a rank of a joint (all-KV-head) basis outside `1..=kv_heads · head_dim`.
+pub(crate) fn check_joint_rank(
+    field: &'static str,
+    rank: usize,
+    dim: usize,
+) -> kv_core::Result<()> {
+    if rank == 0 || rank > dim {
+        return Err(KvError::InvalidConfig {
+            field,
+            reason: format!("rank {rank} must be between 1 and kv_heads x head_dim {dim}"),
+        });
+    }
+    Ok(())
+}

@@ -135,14 +135,15 @@ pub(crate) fn held_tensor<const D: usize>(
     }
 }
 
-/// What a latent cache (Eigen Attention, Palu) holds: projected keys and values of every slot
-/// and the two projection bases, which are counted as metadata.
-#[derive(Debug, Clone, Copy)]
+/// What a latent cache (Eigen Attention, Palu, LoRC, MatryoshkaKV, CSKV) holds: key and
+/// value tensors of every slot (latents, per-head latents, full-precision windows) and the
+/// projection bases, which are counted as metadata.
+#[derive(Debug, Clone)]
 pub(crate) struct LatentParts<'a> {
     pub(crate) slots: &'a Slots,
-    pub(crate) keys: Option<&'a Tensor<4>>,
-    pub(crate) values: Option<&'a Tensor<4>>,
-    pub(crate) bases: [&'a Tensor<3>; 2],
+    pub(crate) keys: Vec<&'a Tensor<4>>,
+    pub(crate) values: Vec<&'a Tensor<4>>,
+    pub(crate) bases: Vec<&'a Tensor<3>>,
 }
 
 impl LatentParts<'_> {
@@ -156,9 +157,10 @@ impl LatentParts<'_> {
 
     /// The bytes held: latents as keys and values, positions and bases as metadata.
     pub(crate) fn memory(&self, shape: &KvShape) -> MemoryReport {
+        let sum4 = |ts: &[&Tensor<4>]| ts.iter().map(|t| bytes(Some(*t))).sum::<usize>();
         MemoryReport {
-            key_bytes: bytes(self.keys),
-            value_bytes: bytes(self.values),
+            key_bytes: sum4(&self.keys),
+            value_bytes: sum4(&self.values),
             metadata_bytes: self.slots.metadata_bytes()
                 + self.bases.iter().map(|b| bytes(Some(*b))).sum::<usize>(),
             logical_elements: self.slots.logical_elements(shape),
@@ -170,10 +172,14 @@ impl LatentParts<'_> {
     /// Every buffer held, in the order [`LatentParts::memory`] counts them.
     pub(crate) fn held_buffers(&self) -> Vec<HeldBuffer> {
         let mut out = Vec::new();
-        held_tensor(&mut out, StorageRole::Keys, self.keys);
-        held_tensor(&mut out, StorageRole::Values, self.values);
-        for b in self.bases {
-            out.push(HeldBuffer::tensor(StorageRole::Metadata, b));
+        for k in &self.keys {
+            out.push(HeldBuffer::tensor(StorageRole::Keys, *k));
+        }
+        for v in &self.values {
+            out.push(HeldBuffer::tensor(StorageRole::Values, *v));
+        }
+        for b in &self.bases {
+            out.push(HeldBuffer::tensor(StorageRole::Metadata, *b));
         }
         self.slots.held(&mut out);
         out

@@ -9,10 +9,14 @@ use crate::{LAYERS, assert_invalid, scaled, shape, synthetic_calibration, temp_p
 #[test]
 fn every_basis_is_orthonormal_with_decreasing_eigenvalues() {
     let cal = synthetic_calibration(shape());
-    assert_eq!(cal.meta().activations, Activation::ALL.to_vec());
-    for act in Activation::ALL {
+    let mut expected = Activation::ALL.to_vec();
+    expected.extend([Activation::KeysPreRopeJoint, Activation::ValuesJoint]);
+    assert_eq!(cal.meta().activations, expected);
+    for act in expected {
+        let (heads, dim) = cal.layout(act);
+        assert_eq!((heads, dim), if act.is_joint() { (1, 16) } else { (2, 8) });
         for layer in 0..LAYERS {
-            for head in 0..shape().kv_heads() {
+            for head in 0..heads {
                 let err = cal.orthonormality_error(act, layer, head).expect("basis");
                 assert!(err < 1e-5, "{act:?} {layer} {head}: |UᵀU - I| = {err}");
                 let ev = cal.eigenvalues(act, layer, head).expect("eigenvalues");
@@ -122,9 +126,12 @@ fn the_artefact_round_trips_through_a_file() {
 #[test]
 fn another_version_is_rejected() {
     let bytes = synthetic_calibration(shape()).to_bytes().expect("bytes");
-    let text = String::from_utf8_lossy(&bytes);
     let needle = format!("\\\"version\\\":{CALIBRATION_VERSION}");
-    let at = text.find(&needle).expect("version in the header");
+    // Search the bytes (the length prefix before the JSON header need not be UTF-8).
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .expect("version in the header");
     let mut bad = bytes.clone();
     let digit = at + needle.len() - 1;
     bad[digit] = b'9';
@@ -188,4 +195,113 @@ fn observe_rejects_bad_input() {
     let mut acc = CovarianceAccumulator::new(2, shape());
     acc.observe(0, Activation::Keys, &kv).expect("observe");
     assert_invalid(acc.finish("m", "t"), "layer 1");
+}
+
+#[test]
+fn joint_bases_span_every_head_and_keep_the_total_variance() {
+    // The joint second moment's diagonal blocks are the per-head second moments, so its
+    // eigenvalues sum to the per-head traces.
+    let cal = synthetic_calibration(shape());
+    for (joint, per_head) in [
+        (Activation::KeysPreRopeJoint, Activation::KeysPreRope),
+        (Activation::ValuesJoint, Activation::Values),
+    ] {
+        for layer in 0..LAYERS {
+            let total: f32 = cal
+                .eigenvalues(joint, layer, 0)
+                .expect("joint")
+                .iter()
+                .sum();
+            let heads: f32 = (0..2)
+                .map(|h| {
+                    cal.eigenvalues(per_head, layer, h)
+                        .expect("head")
+                        .iter()
+                        .sum::<f32>()
+                })
+                .sum();
+            assert!(
+                (total - heads).abs() < 1e-3 * heads,
+                "{joint:?} {layer}: {total} vs {heads}"
+            );
+            assert_eq!(cal.eigenvalues(joint, layer, 1), None);
+            assert_eq!(
+                cal.basis_host(joint, layer, 0).expect("basis").len(),
+                16 * 16
+            );
+        }
+    }
+}
+
+#[test]
+fn weight_spectra_are_the_squared_singular_values() {
+    let s = shape();
+    let (d, in_dim) = (s.head_dim(), 12);
+    let w = seeded_data(s.kv_heads() * d * in_dim, 7, 1.0);
+    let mut acc = CovarianceAccumulator::new(1, s);
+    acc.observe_weights(0, Activation::KeyWeights, &w, in_dim)
+        .expect("weights");
+    assert_invalid(
+        acc.observe_weights(0, Activation::KeyWeights, &w, in_dim),
+        "given twice",
+    );
+    assert_invalid(
+        acc.observe_weights(0, Activation::Keys, &w, in_dim),
+        "not a projection weight",
+    );
+    assert_invalid(
+        acc.observe_weights(0, Activation::ValueWeights, &w[1..], in_dim),
+        "in_dim 12",
+    );
+    let cal = acc.finish("w", "weights").expect("finish");
+    for head in 0..s.kv_heads() {
+        let rows = &w[head * d * in_dim..(head + 1) * d * in_dim];
+        let frob: f32 = rows.iter().map(|x| x * x).sum();
+        let ev = cal
+            .eigenvalues(Activation::KeyWeights, 0, head)
+            .expect("ev");
+        let sum: f32 = ev.iter().sum();
+        assert!(
+            (sum - frob).abs() < 1e-3 * frob,
+            "head {head}: {sum} vs {frob}"
+        );
+        // W_h V = U Σ: the norm of the projection of each weight row on v_j, summed over
+        // rows, is σ_j².
+        let v = cal
+            .basis_host(Activation::KeyWeights, 0, head)
+            .expect("basis");
+        for j in 0..d {
+            let sq: f32 = (0..in_dim)
+                .map(|c| {
+                    let x: f32 = (0..d).map(|i| rows[i * in_dim + c] * v[i * d + j]).sum();
+                    x * x
+                })
+                .sum();
+            assert!(
+                (sq - ev[j]).abs() < 1e-3 * ev[0],
+                "σ_{j}²: {sq} vs {}",
+                ev[j]
+            );
+        }
+    }
+}
+
+#[test]
+fn version_1_artefacts_are_still_read() {
+    let bytes = synthetic_calibration(shape()).to_bytes().expect("bytes");
+    let needle = format!("\\\"version\\\":{CALIBRATION_VERSION}");
+    // Search the bytes (the length prefix before the JSON header need not be UTF-8).
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .expect("version in the header");
+    let mut old = bytes.clone();
+    old[at + needle.len() - 1] = b'1';
+    assert_eq!(
+        Calibration::from_bytes(&old)
+            .expect("version 1")
+            .meta()
+            .version,
+        1
+    );
 }

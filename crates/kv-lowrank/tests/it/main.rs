@@ -1,9 +1,13 @@
-//! Integration tests of kv-lowrank: calibration artefacts, ThinK, Loki and Eigen Attention,
-//! all on small synthetic shapes with synthetic calibration (no model, no network).
+//! Integration tests of kv-lowrank: calibration artefacts, ThinK, Loki, Eigen Attention,
+//! Palu, LoRC, MatryoshkaKV and CSKV, all on small synthetic shapes with synthetic
+//! calibration (no model, no network).
 
 mod calibration;
+mod cskv;
 mod eigen;
 mod loki;
+mod lorc;
+mod matryoshka;
 mod palu;
 mod props;
 mod think;
@@ -57,6 +61,28 @@ pub(crate) fn synthetic_calibration(shape: KvShape) -> Calibration {
     }
     acc.add_tokens(64);
     acc.finish("synthetic", "seeded").expect("finish")
+}
+
+/// Synthetic LoRC weight spectra for [`LAYERS`] layers of `shape`: seeded projections
+/// `[kv_heads · head_dim, in_dim]` whose rows in layer `l` are scaled by `1 + l · row`, so
+/// condition numbers grow with depth.
+pub(crate) fn synthetic_weights(shape: KvShape, in_dim: usize) -> Calibration {
+    let rows = shape.kv_heads() * shape.head_dim();
+    let mut acc = CovarianceAccumulator::new(LAYERS, shape);
+    for layer in 0..LAYERS {
+        for (i, act) in [Activation::KeyWeights, Activation::ValueWeights]
+            .into_iter()
+            .enumerate()
+        {
+            let mut w = seeded_data(rows * in_dim, 500 + 10 * layer as u64 + i as u64, 1.0);
+            for (j, x) in w.iter_mut().enumerate() {
+                *x *= 1.0 + (layer * ((j / in_dim) % shape.head_dim())) as f32;
+            }
+            acc.observe_weights(layer, act, &w, in_dim)
+                .expect("weights");
+        }
+    }
+    acc.finish("synthetic", "weights").expect("finish")
 }
 
 /// A fresh path in the temp folder for an artefact.

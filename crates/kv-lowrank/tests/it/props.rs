@@ -1,5 +1,6 @@
-//! Property tests: on random shapes, positions and data, every cache at full rank (and ThinK at
-//! any ratio over its own view) agrees with the reference attention.
+//! Property tests: on random shapes, positions and data, every cache at full rank (Loki, Eigen
+//! Attention, Palu, LoRC, MatryoshkaKV, CSKV with a random window; ThinK at any ratio over its
+//! own view) agrees with the reference attention.
 
 use burn::prelude::*;
 use kv_core::{
@@ -7,11 +8,11 @@ use kv_core::{
     contiguous_positions,
 };
 use kv_lowrank::{
-    Activation, Calibration, CovarianceAccumulator, EigenConfig, LokiConfig, PaluConfig,
-    ThinkConfig, TopK,
+    Activation, Calibration, CovarianceAccumulator, CskvConfig, EigenConfig, LokiConfig,
+    LorcConfig, MatryoshkaConfig, PaluConfig, RankAllocation, ThinkConfig, TopK,
 };
 use kv_testkit::strategies::{AttentionCase, attention_case};
-use kv_testkit::{assert_close, seeded_tensor, test_device};
+use kv_testkit::{assert_close, seeded_data, seeded_tensor, test_device};
 use proptest::prelude::*;
 
 use crate::scaled;
@@ -37,6 +38,14 @@ fn calibration(s: KvShape, seed: u64) -> Calibration {
         &scaled([1, qh, 4 * d, d], seed + 9, &device),
     )
     .expect("queries");
+    let in_dim = d + 3;
+    for (i, act) in [Activation::KeyWeights, Activation::ValueWeights]
+        .into_iter()
+        .enumerate()
+    {
+        let w = seeded_data(h * d * in_dim, seed + 20 + i as u64, 1.0);
+        acc.observe_weights(0, act, &w, in_dim).expect("weights");
+    }
     acc.finish("prop", "seeded").expect("finish")
 }
 
@@ -91,10 +100,25 @@ proptest! {
         let mut eigen = EigenConfig::new(s, "", 0, d, d).init_with(&cal, &device).expect("eigen");
         assert_close(&run(&mut eigen, &c, false), &want, 1e-4, 1e-3);
         let rope = RopeConfig::new(d, 10_000.0, RopeConvention::RotateHalf);
-        let mut palu = PaluConfig::new(s, "", 0, d, d, rope).init_with(&cal, &device).expect("palu");
+        let mut palu = PaluConfig::new(s, "", 0, d, d, rope.clone()).init_with(&cal, &device).expect("palu");
         let want_rotated =
             run(&mut DenseCacheConfig::new(s).init(&device).expect("dense"), &c, true);
         assert_close(&run(&mut palu, &c, false), &want_rotated, 1e-4, 1e-3);
+        let mut lorc = LorcConfig::new(s, "", 0, d, d, rope.clone())
+            .init_with(&cal, &device)
+            .expect("lorc");
+        assert_close(&run(&mut lorc, &c, false), &want_rotated, 1e-4, 1e-3);
+        let mut matryoshka = MatryoshkaConfig::new(s, "", 0, d, d)
+            .with_allocation(RankAllocation::Model)
+            .init_with(&cal, &device)
+            .expect("matryoshka");
+        assert_close(&run(&mut matryoshka, &c, false), &want, 1e-4, 1e-3);
+        let full = s.kv_heads() * d;
+        let mut cskv = CskvConfig::new(s, "", 0, full, full, rope)
+            .with_window((c.seed % 4) as usize)
+            .init_with(&cal, &device)
+            .expect("cskv");
+        assert_close(&run(&mut cskv, &c, false), &want_rotated, 1e-4, 1e-3);
     }
 
     #[test]
