@@ -506,6 +506,17 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Policy(build_cam),
         },
+        MethodEntry {
+            name: "less",
+            summary: "LESS: a sparse policy (policy=h2o: heavy + recent, the default; \
+                      policy=lambda: sinks + recent; token counts, required) whose evicted \
+                      tokens are folded into a learned low-rank state per KV head; \
+                      artefact=PATH (maps trained by kv-dmc's less_calibrate example) or \
+                      maps=zero (no state: the sparse policy alone)",
+            params: kv_dmc::LessConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Policy(build_less),
+        },
         // kv-compose: pipelines from papers.
         MethodEntry {
             name: "minikv",
@@ -877,6 +888,30 @@ fn build_dmc(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
             let artefact: kv_dmc::DmcArtefact = serde_json::from_str(&text)
                 .map_err(|e| fail(format!("`{path}` is not a DmcArtefact: {e}")))?;
             artefact.layer(cx.layer, cx.shape.kv_heads(), cx.shape.head_dim())
+        },
+    )
+    .map_err(&bad)?;
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's LESS cache (kv-dmc); parameters map to [`kv_dmc::LessConfig`], and
+/// `artefact=PATH` names a JSON [`kv_dmc::LessArtefact`] whose entry for this layer holds the
+/// learned maps (checked against the model's layers and shape).
+fn build_less(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_dmc::LessConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        |path| {
+            let fail = |reason: String| kv_core::KvError::InvalidConfig {
+                field: "artefact",
+                reason,
+            };
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| fail(format!("cannot read `{path}`: {e}")))?;
+            let artefact: kv_dmc::LessArtefact = serde_json::from_str(&text)
+                .map_err(|e| fail(format!("`{path}` is not a LessArtefact: {e}")))?;
+            artefact.layer(cx.layer, cx.num_layers, &cx.shape)
         },
     )
     .map_err(&bad)?;

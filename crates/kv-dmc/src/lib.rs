@@ -1,10 +1,11 @@
 //! Token merging for kv-compress: Dynamic Memory Compression (DMC: each new token is appended
 //! or averaged into the last slot of its KV head, decided by a learned head or a training-free
-//! similarity proxy) and CaM-style merge-on-evict (evicted values folded into kept tokens).
+//! similarity proxy), CaM-style merge-on-evict (evicted values folded into kept tokens) and
+//! LESS (evicted tokens folded into a learned low-rank state).
 //!
-//! It does not score or select tokens for plain eviction (that is `kv-evict`), and it does not
-//! train anything: DMC's learned decisions need a DMC-retrofitted checkpoint, exported as a
-//! [`DmcArtefact`].
+//! It does not score or select tokens for plain eviction (that is `kv-evict`). DMC's learned
+//! decisions need a DMC-retrofitted checkpoint, exported as a [`DmcArtefact`]; LESS's small
+//! maps are trained here, layer by layer on captured activations with the model frozen.
 //!
 //! # What it is
 //! - [`DmcCache`] ([`DmcConfig`]): per (sequence, KV head), a variable-length list of slots,
@@ -14,9 +15,10 @@
 //! - [`MergeEvictCache`] ([`MergeEvictConfig`]): sinks + recent window (StreamingLLM's budget,
 //!   as CaM's code); each evicted value is merged into the next kept tokens with a weight
 //!   proportional to its attention (CaM), and every value stays a convex combination.
-//!
-//! LESS (a learned low-rank state of evicted tokens) is not here: its kernels must be trained
-//! against the model.
+//! - [`LessCache`] ([`LessConfig`]): LESS, a sparse policy ([`LessPolicy`]: H2O or Λ-shaped)
+//!   whose evicted tokens are folded into a constant-size low-rank state per (sequence, KV
+//!   head), `H = Σ ψ(k) vᵀ`, `z = Σ ψ(k)`, read back through `φ(q)`; the maps ([`LessMaps`],
+//!   a [`LessArtefact`] per model) are trained by [`train_layer`] on [`LessSample`]s.
 //!
 //! # Example
 //! ```
@@ -38,6 +40,9 @@
 mod cam;
 mod decision;
 mod dmc;
+mod less;
+mod less_maps;
+mod less_train;
 mod storage;
 
 pub use cam::{MergeEvictCache, MergeEvictConfig};
@@ -46,3 +51,11 @@ pub use decision::{
     DmcArtefact, Fixed, LayerDecision, LinearHead, MergeDecision, SimilarityProxy, cosine,
 };
 pub use dmc::{DEFAULT_THRESHOLD, DmcCache, DmcConfig};
+pub use less::{LessCache, LessConfig, LessPolicy};
+pub use less_maps::{
+    KeyMap, LESS_ARTEFACT_FORMAT, LESS_ARTEFACT_VERSION, LessArtefact, LessMaps,
+    LessTrainingRecord, Mlp, QueryMap,
+};
+pub use less_train::{
+    LessSample, TrainOptions, TrainReport, loss, loss_and_grad, output_metric, train_layer,
+};

@@ -20,7 +20,10 @@
 //!
 //! Codes map to levels through a table (`levels[code]`), so llama.cpp's formats (`q8_0`'s
 //! signed bytes, `q4_0`'s offset, `iq4_nl`'s non-linear table, the `q5_*` high-bit plane) and
-//! fp8 reuse the kernels: `x̂ = levels[code] · s + z`.
+//! fp8 reuse the kernels: `x̂ = levels[code] · s + z`. The common layouts (2-, 4- and 8-bit
+//! codes, 4 to 16 words per token, levels `code - offset` or `q8_0`'s signed bytes) take the
+//! register kernels of [`kernels`] on CPUs with AVX2: planar 8-lane unpacking straight into
+//! fused multiply-adds, no table and no buffer pass.
 //!
 //! Softmax is exact (not online): the scores of a query row over all held tokens are a few
 //! hundred kilobytes at most for decode-sized queries, which is why callers take this path
@@ -35,6 +38,12 @@ use kv_core::{PAD, Query};
 
 use crate::group::{GroupAxis, QuantizedTensor};
 use crate::packing::BitWidth;
+
+mod kernels;
+
+use kernels::{Decode, Fast};
+#[cfg(target_arch = "x86_64")]
+use kernels::{score_channels, score_tokens, values_channels};
 
 /// The most query rows per KV head (`q_heads / kv_heads × query tokens`) the host path takes;
 /// larger queries (prefill chunks) go through the tensor ops, whose matmuls amortise the
@@ -54,11 +63,49 @@ pub(crate) fn use_host(device: &Device, query: &Query, kv_heads: usize) -> bool 
     qh / kv_heads * n <= HOST_MAX_ROWS && host_memory(device)
 }
 
-/// A float tensor's values as fp32 on the host (fp16 converted on the host, one pass).
+/// A float tensor's values as fp32 on the host (fp16 converted on the host, one vectorised
+/// pass).
 pub(crate) fn floats<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    t.to_data()
-        .try_into_vec_as::<f32>()
+    let data = t.to_data();
+    if let Ok(h) = data.as_slice::<burn::tensor::f16>() {
+        return vectorized(HalfToF32(h));
+    }
+    data.try_into_vec_as::<f32>()
         .expect("invariant: a float tensor reads back as f32")
+}
+
+/// fp16 to fp32, exact for every value (zero, subnormals, infinities and NaN included), on
+/// the bits so that the loop vectorises (the `half` crate converts one value per call here).
+struct HalfToF32<'a>(&'a [burn::tensor::f16]);
+
+impl Task for HalfToF32<'_> {
+    type Output = Vec<f32>;
+    #[inline(always)]
+    fn run(self) -> Vec<f32> {
+        self.0
+            .iter()
+            .map(|h| f16_bits_to_f32(h.to_bits()))
+            .collect()
+    }
+}
+
+/// F. Giesen's branch-free conversion: move exponent and mantissa into place, rebias, then
+/// fix up infinities and NaN (exponent 31) and renormalise zeros and subnormals through a
+/// float subtraction.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    const SHIFTED_EXP: u32 = 0x7c00 << 13;
+    let h = u32::from(h);
+    let mut o = (h & 0x7fff) << 13;
+    let exp = o & SHIFTED_EXP;
+    o += (127 - 15) << 23;
+    if exp == SHIFTED_EXP {
+        o += (128 - 16) << 23;
+    } else if exp == 0 {
+        o += 1 << 23;
+        o = (f32::from_bits(o) - f32::from_bits(113 << 23)).to_bits();
+    }
+    f32::from_bits(o | ((h & 0x8000) << 16))
 }
 
 /// Packed `U32` words on the host.
@@ -109,9 +156,29 @@ pub(crate) struct HostCodes {
     group: usize,
     scales: Vec<f32>,
     zeros: Option<Vec<f32>>,
+    /// Words per token.
+    wpt: usize,
+    /// The register-sized kernels' layout, when they apply (see [`kernels`]).
+    fast: Option<Fast>,
 }
 
 impl HostCodes {
+    /// Fills in the derived fields.
+    fn finish(mut self) -> Self {
+        let [_, _, _, d] = self.dims;
+        self.wpt = self.bits.words_for(d);
+        let channel_group = (self.axis == GroupAxis::Channels).then_some(self.group);
+        self.fast = kernels::fast_layout(
+            self.bits.bits(),
+            self.wpt,
+            d,
+            &self.levels,
+            self.high.is_some(),
+            channel_group,
+        );
+        self
+    }
+
     /// A [`QuantizedTensor`]: levels `code - offset` (the symmetric offset, 0 asymmetric).
     pub(crate) fn from_quantized(q: &QuantizedTensor) -> Self {
         let spec = q.spec();
@@ -133,7 +200,10 @@ impl HostCodes {
             group: spec.group(),
             scales: floats(q.scales()),
             zeros: q.zeros().map(floats),
+            wpt: 0,
+            fast: None,
         }
+        .finish()
     }
 
     /// Codes with explicit levels and per-token statistics every `group` channels
@@ -163,7 +233,10 @@ impl HostCodes {
             group,
             scales,
             zeros,
+            wpt: 0,
+            fast: None,
         }
+        .finish()
     }
 
     pub(crate) fn tokens(&self) -> usize {
@@ -172,7 +245,7 @@ impl HostCodes {
 
     #[inline(always)]
     fn words_per_token(&self) -> usize {
-        self.bits.words_for(self.dims[3])
+        self.wpt
     }
 
     /// Whether the planar key kernel applies: statistics along tokens (one scale per channel,
@@ -444,6 +517,11 @@ pub(crate) fn clip(segments: Vec<Segment<'_>>, end: usize) -> Vec<Segment<'_>> {
 #[inline(always)]
 fn score_segment(seg: &Segment<'_>, bh: usize, q: &[f32], d: usize, out: &mut [f32]) {
     if let Source::Codes(c) = seg.src
+        && let Some(fast) = c.fast
+    {
+        return score_fast(c, fast, seg.range.clone(), bh, q, d, out);
+    }
+    if let Source::Codes(c) = seg.src
         && c.planar()
     {
         return score_planar(c, seg.range.clone(), bh, q, d, out);
@@ -517,6 +595,168 @@ fn score_segment(seg: &Segment<'_>, bh: usize, q: &[f32], d: usize, out: &mut [f
     }
 }
 
+/// The query rows `q` (`rows × d`) permuted to the planar order of `fast`.
+fn planar_rows(q: &[f32], d: usize, fast: Fast) -> Vec<f32> {
+    let c = d / fast.words;
+    let rows = q.len() / d;
+    let mut out = vec![0.0f32; rows * d];
+    for r in 0..rows {
+        for slot in 0..d {
+            out[r * d + slot] = q[r * d + kernels::channel_of_slot(slot, fast.words, c)];
+        }
+    }
+    out
+}
+
+/// Per-token statistics grouped along channels of the tokens `range` of stream `bh`: the
+/// scales and the constants `z - offset · s` (the zero points, with the affine offset folded
+/// in), `d / group` per token.
+fn channel_stats(c: &HostCodes, fast: Fast, range: Range<usize>, bh: usize) -> (&[f32], Vec<f32>) {
+    let n = c.dims[2];
+    let groups = c.dims[3] / c.group;
+    let r = (bh * n + range.start) * groups..(bh * n + range.end) * groups;
+    let s = &c.scales[r.clone()];
+    let off = match fast.decode {
+        Decode::Affine(off) => off,
+        Decode::Signed => 0.0,
+    };
+    let zc = match &c.zeros {
+        Some(z) => z[r].iter().zip(s).map(|(&z, &s)| z - off * s).collect(),
+        None => s.iter().map(|&s| -off * s).collect(),
+    };
+    (s, zc)
+}
+
+/// [`score_segment`] for codes with a [`Fast`] layout (see [`kernels`]).
+#[inline(always)]
+fn score_fast(
+    c: &HostCodes,
+    fast: Fast,
+    range: Range<usize>,
+    bh: usize,
+    q: &[f32],
+    d: usize,
+    out: &mut [f32],
+) {
+    let rows = q.len() / d;
+    let n = c.dims[2];
+    let w = fast.words;
+    let words = |a: usize, b: usize| &c.words[(bh * n + a) * w..(bh * n + b) * w];
+    let qv = planar_rows(q, d, fast);
+    match c.axis {
+        GroupAxis::Tokens => {
+            // Per group of tokens: the query times the channel scales (planar order), and the
+            // zero points and the affine offset folded into a constant per row.
+            let off = match fast.decode {
+                Decode::Affine(off) => off,
+                Decode::Signed => 0.0,
+            };
+            let cpw = d / w;
+            let perm: Vec<usize> = (0..d)
+                .map(|slot| kernels::channel_of_slot(slot, w, cpw))
+                .collect();
+            let g = c.group;
+            let mut qp = vec![0.0f32; rows * d];
+            let mut qz = vec![0.0f32; rows];
+            let mut t = range.start;
+            while t < range.end {
+                let group_end = ((t / g + 1) * g).min(range.end);
+                let (s, z) = c.stats(bh, t);
+                for r in 0..rows {
+                    let mut sum = 0.0;
+                    for ((o, &qv), &ch) in qp[r * d..(r + 1) * d]
+                        .iter_mut()
+                        .zip(&qv[r * d..(r + 1) * d])
+                        .zip(&perm)
+                    {
+                        *o = qv * s[ch];
+                        sum += *o;
+                    }
+                    qz[r] = z.map_or(0.0, |z| dot(&q[r * d..(r + 1) * d], z)) - off * sum;
+                }
+                let o = &mut out[(t - range.start) * rows..(group_end - range.start) * rows];
+                kernels::dispatch!(fast, score_tokens(words(t, group_end), &qp, &qz, o));
+                t = group_end;
+            }
+        }
+        GroupAxis::Channels => {
+            let g = c.group;
+            let groups = d / g;
+            let qsum: Vec<f32> = (0..rows * groups)
+                .map(|rk| {
+                    let (r, k) = (rk / groups, rk % groups);
+                    q[r * d + k * g..r * d + (k + 1) * g].iter().sum()
+                })
+                .collect();
+            let (s, zc) = channel_stats(c, fast, range.clone(), bh);
+            kernels::dispatch!(
+                fast,
+                score_channels(
+                    words(range.start, range.end),
+                    &qv,
+                    s,
+                    &zc,
+                    groups,
+                    &qsum,
+                    rows,
+                    out
+                )
+            );
+        }
+    }
+}
+
+/// [`accumulate_segment`] for codes grouped along channels with a [`Fast`] layout: weighted
+/// codes summed in planar order, the zero points per group, both mapped to channels once.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the segment's operands, as in accumulate_segment"
+)]
+#[inline(always)]
+fn accumulate_fast(
+    c: &HostCodes,
+    fast: Fast,
+    range: Range<usize>,
+    bh: usize,
+    p: &[f32],
+    rows: usize,
+    d: usize,
+    acc: &mut [f32],
+) {
+    let n = c.dims[2];
+    let w = fast.words;
+    let g = c.group;
+    let groups = d / g;
+    let len = range.len();
+    let words = &c.words[(bh * n + range.start) * w..(bh * n + range.end) * w];
+    let (s, zc) = channel_stats(c, fast, range, bh);
+    let mut accp = vec![0.0f32; rows * d];
+    let mut zacc = vec![0.0f32; rows * groups];
+    kernels::dispatch!(
+        fast,
+        values_channels(
+            words,
+            &p[..len * rows],
+            s,
+            &zc,
+            groups,
+            rows,
+            &mut accp,
+            &mut zacc
+        )
+    );
+    let cpw = d / w;
+    for r in 0..rows {
+        let ar = &mut acc[r * d..(r + 1) * d];
+        for (slot, &x) in accp[r * d..(r + 1) * d].iter().enumerate() {
+            ar[kernels::channel_of_slot(slot, w, cpw)] += x;
+        }
+        for (ch, a) in ar.iter_mut().enumerate() {
+            *a += zacc[r * groups + ch / g];
+        }
+    }
+}
+
 /// [`score_segment`] for keys with [`HostCodes::planar`] (statistics along tokens): per group,
 /// the scale folded into the query (permuted to the planar order once) and the zero point
 /// into a constant; per token one planar unpack and one dot product per query row.
@@ -535,14 +775,15 @@ fn score_planar(
     let mut qp = vec![0.0f32; rows * slots];
     let mut qz = vec![0.0f32; rows];
     let g = c.group;
+    let chan: Vec<Option<usize>> = (0..slots).map(|slot| c.channel(slot)).collect();
     let mut t = range.start;
     while t < range.end {
         let group_end = ((t / g + 1) * g).min(range.end);
         let (s, z) = c.stats(bh, t);
         for r in 0..rows {
             let qr = &q[r * d..(r + 1) * d];
-            for slot in 0..slots {
-                qp[r * slots + slot] = c.channel(slot).map_or(0.0, |ch| qr[ch] * s[ch]);
+            for (slot, ch) in chan.iter().enumerate() {
+                qp[r * slots + slot] = ch.map_or(0.0, |ch| qr[ch] * s[ch]);
             }
             qz[r] = z.map_or(0.0, |z| dot(qr, z));
         }
@@ -568,6 +809,12 @@ fn accumulate_segment(
     d: usize,
     acc: &mut [f32],
 ) {
+    if let Source::Codes(c) = seg.src
+        && c.axis == GroupAxis::Channels
+        && let Some(fast) = c.fast
+    {
+        return accumulate_fast(c, fast, seg.range.clone(), bh, p, rows, d, acc);
+    }
     let mut buf = vec![0.0f32; d];
     let weight = |r: usize, i: usize| p[i * rows + r];
     let skip = |i: usize| (0..rows).all(|r| weight(r, i) == 0.0);
@@ -732,6 +979,46 @@ impl Task for ValueTask<'_, '_> {
     }
 }
 
+/// Masks the scores of one stream (token-major, `qrow.len()` rows) and turns them into
+/// softmax numerators in place, with the maxima and sums per row.
+struct SoftmaxTask<'a> {
+    scores: &'a mut [f32],
+    qrow: &'a [u32],
+    kpos: &'a [u32],
+    maxes: &'a mut [f32],
+    sums: &'a mut [f32],
+}
+
+impl Task for SoftmaxTask<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn run(self) {
+        let rows = self.qrow.len();
+        for (row, &kp) in self.scores.chunks_exact_mut(rows).zip(self.kpos) {
+            for ((s, m), &qp) in row.iter_mut().zip(self.maxes.iter_mut()).zip(self.qrow) {
+                if qp == PAD || kp == PAD || kp > qp {
+                    *s = f32::NEG_INFINITY;
+                }
+                *m = m.max(*s);
+            }
+        }
+        for row in self.scores.chunks_exact_mut(rows) {
+            for ((s, &m), l) in row
+                .iter_mut()
+                .zip(self.maxes.iter())
+                .zip(self.sums.iter_mut())
+            {
+                *s = if m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (*s - m).exp()
+                };
+                *l += *s;
+            }
+        }
+    }
+}
+
 /// Tokens per parallel work item: large enough that a rayon task amortises its overhead,
 /// small enough that both cores share a few thousand tokens.
 const TOKENS_PER_TASK: usize = 1024;
@@ -817,28 +1104,15 @@ pub(crate) fn attend_host(
         .for_each(|(bh, (sc, (mx, sm)))| {
             let bi = bh / kv_heads;
             let qpos = &query.positions()[bi * n..(bi + 1) * n];
-            let kpos = &positions[bi][..len];
-            for (t, &kp) in kpos.iter().enumerate() {
-                for r in 0..rows {
-                    let qp = qpos[r % n];
-                    let s = &mut sc[t * rows + r];
-                    if qp == PAD || kp == PAD || kp > qp {
-                        *s = f32::NEG_INFINITY;
-                    }
-                    mx[r] = mx[r].max(*s);
-                }
-            }
-            for t in 0..len {
-                for r in 0..rows {
-                    let s = &mut sc[t * rows + r];
-                    *s = if mx[r] == f32::NEG_INFINITY {
-                        0.0
-                    } else {
-                        (*s - mx[r]).exp()
-                    };
-                    sm[r] += *s;
-                }
-            }
+            // The query position of every row (row j * n + i is query token i).
+            let qrow: Vec<u32> = (0..rows).map(|r| qpos[r % n]).collect();
+            vectorized(SoftmaxTask {
+                scores: sc,
+                qrow: &qrow,
+                kpos: &positions[bi][..len],
+                maxes: mx,
+                sums: sm,
+            });
         });
 
     // Weighted values per (stream, token range), summed per stream.

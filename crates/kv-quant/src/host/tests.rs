@@ -4,6 +4,7 @@ use kv_core::{KvBlock, KvCache, KvShape, Query};
 use kv_testkit::{assert_close, device_name, seeded_tensor, test_device};
 
 use super::host_memory;
+use super::kernels::{Decode, fast_layout};
 use crate::KiviConfig;
 
 #[test]
@@ -44,6 +45,78 @@ fn fused_kivi_equals_streamed_tensor_ops() {
             let (so, sl) = c.attend_chunked(&q);
             assert_close(&fo, &so, 1e-5, 1e-4);
             assert_close(&fl, &sl, 1e-5, 1e-4);
+        }
+    }
+}
+
+#[test]
+fn register_kernels_take_the_common_layouts_with_avx2_only() {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = pulp::x86::V3::try_new().is_some();
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    let affine =
+        |bits: u32, off: f32| -> Vec<f32> { (0..1u32 << bits).map(|c| c as f32 - off).collect() };
+    let signed: Vec<f32> = (0..256).map(|c| f32::from(c as u8 as i8)).collect();
+    // (bits, words per token, head_dim, levels, high plane, channel group, expected decode)
+    let cases = [
+        (
+            2,
+            4,
+            64,
+            affine(2, 0.0),
+            false,
+            None,
+            Some(Decode::Affine(0.0)),
+        ),
+        (
+            4,
+            8,
+            64,
+            affine(4, 8.0),
+            false,
+            Some(32),
+            Some(Decode::Affine(8.0)),
+        ),
+        (
+            8,
+            16,
+            64,
+            signed.clone(),
+            false,
+            Some(32),
+            Some(Decode::Signed),
+        ),
+        (2, 2, 32, affine(2, 0.0), false, None, None),
+        (8, 32, 128, affine(8, 0.0), false, None, None),
+        (4, 8, 64, affine(4, 0.0), true, Some(32), None),
+        (4, 8, 64, vec![0.5; 16], false, Some(32), None),
+        (4, 4, 32, affine(4, 8.0), false, Some(4), None),
+    ];
+    for (bits, words, d, levels, high, group, want) in cases {
+        let got = fast_layout(bits, words, d, &levels, high, group).map(|f| f.decode);
+        let want = want.filter(|_| avx2);
+        assert_eq!(
+            got, want,
+            "{bits} bits, {words} words, d {d}, group {group:?}"
+        );
+    }
+}
+
+#[test]
+fn fp16_bits_convert_exactly() {
+    // Every fp16 value, NaN payloads included, against the `half` crate.
+    for bits in 0..=u16::MAX {
+        let want = half::f16::from_bits(bits).to_f32();
+        let got = super::f16_bits_to_f32(bits);
+        if want.is_nan() {
+            assert!(got.is_nan(), "{bits:#06x}: {got} is not NaN");
+        } else {
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "{bits:#06x}: {got} != {want}"
+            );
         }
     }
 }

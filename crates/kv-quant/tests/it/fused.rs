@@ -166,6 +166,31 @@ fn block_formats_fast_paths_equal_the_decoded_oracle() {
 }
 
 #[test]
+fn register_kernels_equal_the_oracle_for_every_word_layout() {
+    // The host kernels specialise on the words per token (4, 8 or 16) and the code width
+    // (2, 4 or 8 bits, `q8_0`'s bytes signed): head dims 64 and 128 reach every layout, and
+    // 8-bit codes at 128 channels (32 words) the generic loops.
+    let d = test_device();
+    for head_dim in [64, 128] {
+        let s = KvShape::new(2, 2, 6, head_dim).expect("valid");
+        for bits in [2, 4, 8] {
+            let c = KiviConfig::new(s)
+                .with_bits(bits)
+                .with_group(32)
+                .with_residual(32);
+            run(Box::new(c.init(&d).expect("init")), 100, 2);
+        }
+        for f in [BlockFormat::Q8_0, BlockFormat::Q4_0, BlockFormat::Q4_1] {
+            run(
+                Box::new(BlockQuantConfig::new(s, f).init(&d).expect("init")),
+                40,
+                2,
+            );
+        }
+    }
+}
+
+#[test]
 fn qjl_and_gear_attend_lse_equal_the_oracle() {
     let d = test_device();
     let qjl = QjlConfig::new(shape())
