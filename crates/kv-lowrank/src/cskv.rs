@@ -276,6 +276,7 @@ impl CskvCache {
             keys: self.feat_k.iter().chain(&self.win_k).collect(),
             values: self.feat_v.iter().chain(&self.win_v).collect(),
             bases: vec![&self.pk, &self.pv],
+            extra: Vec::new(),
         }
     }
 

@@ -209,6 +209,7 @@ impl EigenCache {
             keys: self.keys.iter().collect(),
             values: self.values.iter().collect(),
             bases: vec![&self.pk, &self.pv],
+            extra: Vec::new(),
         }
     }
 

@@ -268,6 +268,9 @@ impl LorcConfig {
             rank_v,
             rope: self.rope.clone(),
             dtype: self.dtype,
+            latent_bits: None,
+            latent_group: 0,
+            hadamard: false,
         };
         let rope = palu.validate()?;
         let pk = calibration.basis(Activation::KeyWeights, self.layer, s, rank_k, device)?;

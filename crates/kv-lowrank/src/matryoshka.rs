@@ -360,6 +360,7 @@ impl MatryoshkaCache {
             keys: self.keys.iter().flatten().collect(),
             values: self.values.iter().flatten().collect(),
             bases: self.pk.iter().chain(&self.pv).collect(),
+            extra: Vec::new(),
         }
     }
 

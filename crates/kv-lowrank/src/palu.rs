@@ -16,10 +16,21 @@
 //! The cache stores keys **before RoPE** ([`KeyRope::PreRope`]): the model appends them
 //! unrotated and the cache rotates them when it attends.
 //!
+//! # Latent quantization (Palu + quantization)
+//! With [`PaluConfig::latent_bits`] (Palu's `--lt_bits`, `--lt_group_size`, `--lt_hadamard`
+//! in shadowpa0327/Palu `run_ppl_eval.py`), every latent is quantized per token as it is
+//! appended (asymmetric, round to nearest, fp16 scale and zero point per group of
+//! [`PaluConfig::latent_group`] latents, by default a head's whole latent), and only the codes
+//! are held. With [`PaluConfig::hadamard`] (the default) the bases are `V_r H` with `H` the
+//! normalised Walsh–Hadamard matrix: Palu fuses the same rotation into its factors so that
+//! the latent's few large coordinates are spread over all of them before quantization; the
+//! reconstruction `h (V_r H)ᵀ` is unchanged in exact arithmetic.
+//!
 //! # Deviations
 //! Per-KV-head decomposition only (Palu's M-LRD; the default G-LRD shares one latent across a
 //! group of heads, which needs cross-head calibration statistics); fixed ranks instead of the
-//! Fisher-information rank search; no latent quantization.
+//! Fisher-information rank search. Quantized latents are dequantized for attention (the
+//! reference fuses the dequantization into its reconstruction kernel).
 
 use std::path::PathBuf;
 
@@ -27,13 +38,14 @@ use burn::prelude::*;
 use burn::tensor::FloatDType;
 use kv_core::{
     Attended, HeldBuffer, KeyRope, KvBlock, KvCache, KvShape, KvView, Lengths, MemoryReport, Query,
-    Rope, RopeConfig, StatsRequest, StorageDtype, check_query, positions_per_head,
+    Rope, RopeConfig, StatsRequest, StorageDtype, StorageRole, check_query, positions_per_head,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query, project, project_grouped, transpose_heads};
 use crate::calibration::{Activation, Calibration};
 use crate::slots::{LatentParts, Slots, cat_tokens, float_dtype};
+use kv_quant::{BitWidth, GroupAxis, QuantSpec, QuantizedTensor};
 
 /// Configuration of a [`PaluCache`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +70,23 @@ pub struct PaluConfig {
     /// Element type of the stored latents.
     #[serde(default)]
     pub dtype: StorageDtype,
+    /// Palu's latent quantization (`--lt_bits`): every latent is quantized per token as it is
+    /// appended, asymmetric, fp16 scale and zero point per group; `None` keeps `dtype` latents.
+    #[serde(default)]
+    pub latent_bits: Option<u32>,
+    /// Latents per quantization group (`--lt_group_size`); 0, the reference's default, is the
+    /// whole latent of a KV head (`rank_k` for keys, `rank_v` for values).
+    #[serde(default)]
+    pub latent_group: usize,
+    /// Palu's `--lt_hadamard`: with quantized latents, rotate them by a normalised
+    /// Walsh–Hadamard matrix folded into the bases (`V_r H`), which spreads outlier channels
+    /// before quantization and is exact without it. Needs power-of-two ranks.
+    #[serde(default = "default_hadamard")]
+    pub hadamard: bool,
+}
+
+fn default_hadamard() -> bool {
+    true
 }
 
 impl PaluConfig {
@@ -79,7 +108,18 @@ impl PaluConfig {
             rank_v,
             rope,
             dtype: StorageDtype::F32,
+            latent_bits: None,
+            latent_group: 0,
+            hadamard: true,
         }
+    }
+    /// Quantizes the latents to `bits` per element (Palu's `--lt_bits`) in groups of `group`
+    /// latents (0: a head's whole latent), Hadamard-rotated unless `hadamard` is false.
+    pub fn with_latent_quant(mut self, bits: u32, group: usize, hadamard: bool) -> Self {
+        self.latent_bits = Some(bits);
+        self.latent_group = group;
+        self.hadamard = hadamard;
+        self
     }
     /// Checks the artefact against a model of `num_layers` layers at init.
     pub fn with_num_layers(mut self, num_layers: usize) -> Self {
@@ -93,8 +133,16 @@ impl PaluConfig {
     }
 
     /// The parameter names [`from_params`](Self::from_params) accepts.
-    pub const PARAMS: &'static [&'static str] =
-        &["calibration", "rank", "rank_k", "rank_v", "dtype"];
+    pub const PARAMS: &'static [&'static str] = &[
+        "calibration",
+        "rank",
+        "rank_k",
+        "rank_v",
+        "dtype",
+        "bits",
+        "group",
+        "hadamard",
+    ];
 
     /// The config for `layer` from `key=value` parameters: `calibration` (path, required),
     /// `rank` (both ranks), `rank_k`, `rank_v` (default `head_dim / 2` each: Palu's ~50% KV
@@ -122,6 +170,13 @@ impl PaluConfig {
                 "rank_k" => cfg.rank_k = int("rank_k", v)?,
                 "rank_v" => cfg.rank_v = int("rank_v", v)?,
                 "dtype" => cfg.dtype = dtype("dtype", v)?,
+                "bits" => cfg.latent_bits = Some(u32::try_from(int("bits", v)?).unwrap_or(0)),
+                "group" => cfg.latent_group = int("group", v)?,
+                "hadamard" => {
+                    cfg.hadamard = v
+                        .parse()
+                        .map_err(|_| crate::params::bad("hadamard", v, "true or false"))?;
+                }
                 _ => return Err(unknown("Palu", k, Self::PARAMS)),
             }
         }
@@ -144,14 +199,63 @@ impl PaluConfig {
                 ),
             });
         }
+        self.latent_specs()?;
         self.rope.init()
+    }
+
+    /// The quantizers of the key and value latents (per token, groups along the latent),
+    /// `None` without latent quantization.
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`](kv_core::KvError::InvalidConfig) for an unsupported width,
+    /// a group that does not divide a rank, or Hadamard with a rank that is not a power of two.
+    pub fn latent_specs(&self) -> kv_core::Result<Option<(QuantSpec, QuantSpec)>> {
+        let Some(bits) = self.latent_bits else {
+            return Ok(None);
+        };
+        let width = BitWidth::new(bits).map_err(kv_core::KvError::from)?;
+        let spec = |field: &'static str, rank: usize| -> kv_core::Result<QuantSpec> {
+            if self.hadamard && !rank.is_power_of_two() {
+                return Err(kv_core::KvError::InvalidConfig {
+                    field: "hadamard",
+                    reason: format!(
+                        "the Walsh-Hadamard rotation needs a power-of-two rank, {field} is \
+                         {rank}; use hadamard=false"
+                    ),
+                });
+            }
+            let group = if self.latent_group == 0 {
+                rank
+            } else {
+                self.latent_group
+            };
+            if !rank.is_multiple_of(group) {
+                return Err(kv_core::KvError::InvalidConfig {
+                    field: "latent_group",
+                    reason: format!("group {group} does not divide {field} {rank}"),
+                });
+            }
+            Ok(QuantSpec::new(width, group, GroupAxis::Channels)
+                .map_err(kv_core::KvError::from)?
+                .with_scale_dtype(StorageDtype::F16))
+        };
+        Ok(Some((
+            spec("rank_k", self.rank_k)?,
+            spec("rank_v", self.rank_v)?,
+        )))
     }
 
     /// Stored bytes per token per layer (one sequence): the latents and the `u32` position;
     /// bases excluded (they are per layer).
     pub fn bytes_per_token(&self) -> usize {
-        self.shape.kv_heads() * (self.rank_k + self.rank_v) * self.dtype.size()
-            + core::mem::size_of::<u32>()
+        let h = self.shape.kv_heads();
+        let latents = match self.latent_specs() {
+            Ok(Some((k, v))) => {
+                k.stored_bytes([1, h, 1, self.rank_k]) + v.stored_bytes([1, h, 1, self.rank_v])
+            }
+            _ => h * (self.rank_k + self.rank_v) * self.dtype.size(),
+        };
+        latents + core::mem::size_of::<u32>()
     }
 
     /// Loads the artefact at [`calibration`](Self::calibration) and builds the cache.
@@ -179,8 +283,13 @@ impl PaluConfig {
         }
         let rope = self.validate()?;
         let s = &self.shape;
-        let pk = calibration.basis(Activation::KeysPreRope, self.layer, s, self.rank_k, device)?;
-        let pv = calibration.basis(Activation::Values, self.layer, s, self.rank_v, device)?;
+        let mut pk =
+            calibration.basis(Activation::KeysPreRope, self.layer, s, self.rank_k, device)?;
+        let mut pv = calibration.basis(Activation::Values, self.layer, s, self.rank_v, device)?;
+        if self.latent_bits.is_some() && self.hadamard {
+            pk = rotate_hadamard(pk);
+            pv = rotate_hadamard(pv);
+        }
         Ok(PaluCache::from_bases(
             self.clone(),
             rope,
@@ -189,6 +298,29 @@ impl PaluConfig {
             ["PaluCache::append", "PaluCache::attend"],
         ))
     }
+}
+
+/// `V H` for per-head bases `V: [h, d, r]`, with `H` the normalised Sylvester
+/// Walsh–Hadamard matrix of order `r` (a power of two): still orthonormal columns, so
+/// reconstruction is unchanged, while each latent becomes a ±1/√r mix of all of them.
+pub(crate) fn rotate_hadamard(basis: Tensor<3>) -> Tensor<3> {
+    let [h, _, r] = basis.dims();
+    let scale = 1.0 / (r as f32).sqrt();
+    let data: Vec<f32> = (0..r * r)
+        .map(|ij| {
+            let (i, j) = (ij / r, ij % r);
+            // Sylvester: H[i][j] = (-1)^popcount(i & j).
+            if (i & j).count_ones() % 2 == 0 {
+                scale
+            } else {
+                -scale
+            }
+        })
+        .collect();
+    let m = Tensor::<2>::from_data(TensorData::new(data, [r, r]), &basis.device())
+        .unsqueeze::<3>()
+        .expand([h, r, r]);
+    basis.matmul(m)
 }
 
 /// A Palu cache for one layer. See the module docs.
@@ -206,6 +338,11 @@ pub struct PaluCache {
     keys: Option<Tensor<4>>,
     /// Value latents, `[b, h, t, r_v]`.
     values: Option<Tensor<4>>,
+    /// With latent quantization: the key and value quantizers, and the quantized latents
+    /// (then `keys` and `values` stay empty).
+    latent: Option<(QuantSpec, QuantSpec)>,
+    qkeys: Option<QuantizedTensor>,
+    qvalues: Option<QuantizedTensor>,
     /// The operation names in error messages (append, attend).
     ops: [&'static str; 2],
 }
@@ -221,7 +358,13 @@ impl PaluCache {
         device: &Device,
         ops: [&'static str; 2],
     ) -> Self {
+        let latent = config
+            .latent_specs()
+            .expect("invariant: configs are validated before the cache is built");
         PaluCache {
+            latent,
+            qkeys: None,
+            qvalues: None,
             slots: Slots::new(config.shape.batch()),
             config,
             device: device.clone(),
@@ -240,6 +383,28 @@ impl PaluCache {
             keys: self.keys.iter().collect(),
             values: self.values.iter().collect(),
             bases: vec![&self.pk, &self.pv],
+            extra: self
+                .qkeys
+                .iter()
+                .flat_map(|q| q.held_buffers(StorageRole::Keys))
+                .chain(
+                    self.qvalues
+                        .iter()
+                        .flat_map(|q| q.held_buffers(StorageRole::Values)),
+                )
+                .collect(),
+        }
+    }
+
+    /// The latents in fp32 (dequantized when quantized), `None` when empty.
+    fn latents(&self) -> Option<(Tensor<4>, Tensor<4>)> {
+        match (&self.keys, &self.values, &self.qkeys, &self.qvalues) {
+            (Some(k), Some(v), _, _) => Some((
+                k.clone().cast(FloatDType::F32),
+                v.clone().cast(FloatDType::F32),
+            )),
+            (_, _, Some(k), Some(v)) => Some((k.dequantize(), v.dequantize())),
+            _ => None,
         }
     }
 
@@ -286,14 +451,23 @@ impl KvCache for PaluCache {
         let n = block.seq_len();
         let dtype = float_dtype(self.config.dtype);
         let (k, v, pos) = block.into_parts();
-        self.keys = Some(cat_tokens(
-            self.keys.take(),
-            project(k, &self.pk).cast(dtype),
-        ));
-        self.values = Some(cat_tokens(
-            self.values.take(),
-            project(v, &self.pv).cast(dtype),
-        ));
+        let (hk, hv) = (project(k, &self.pk), project(v, &self.pv));
+        if let Some((sk, sv)) = &self.latent {
+            // Both quantized before anything changes: bad data leaves the cache as it was.
+            let qk = sk.quantize_finite(hk).map_err(kv_core::KvError::from)?;
+            let qv = sv.quantize_finite(hv).map_err(kv_core::KvError::from)?;
+            let join = |a: Option<QuantizedTensor>, b: QuantizedTensor| match a {
+                Some(a) => a.concat(b).map_err(kv_core::KvError::from),
+                None => Ok(b),
+            };
+            let qk = join(self.qkeys.clone(), qk)?;
+            let qv = join(self.qvalues.clone(), qv)?;
+            self.qkeys = Some(qk);
+            self.qvalues = Some(qv);
+        } else {
+            self.keys = Some(cat_tokens(self.keys.take(), hk.cast(dtype)));
+            self.values = Some(cat_tokens(self.values.take(), hv.cast(dtype)));
+        }
         self.slots.push(&pos, n, &counts);
         Ok(())
     }
@@ -301,7 +475,7 @@ impl KvCache for PaluCache {
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> kv_core::Result<Attended> {
         let s = self.config.shape;
         check_query(&s, query, self.ops[1])?;
-        let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
+        let Some((keys, values)) = self.latents() else {
             return Ok(Attended {
                 output: query.tensor().zeros_like(),
                 stats: Default::default(),
@@ -316,8 +490,8 @@ impl KvCache for PaluCache {
         let n = q.dims()[3];
         let part = Part {
             q,
-            keys: self.keys_post_rope(keys),
-            values: values.clone().cast(FloatDType::F32),
+            keys: self.keys_post_rope(&keys),
+            values,
             positions: self.slots.flat(0..t),
         };
         let o = attend_parts(&[part], query.positions(), 1.0 / (d as f32).sqrt(), None);
@@ -332,13 +506,13 @@ impl KvCache for PaluCache {
         let s = self.config.shape;
         let (b, h, d) = (s.batch(), s.kv_heads(), s.head_dim());
         let positions = positions_per_head(self.slots.per_sequence(), h);
-        match (&self.keys, &self.values) {
-            (Some(k), Some(v)) => KvView {
-                keys: self.keys_post_rope(k),
-                values: project(v.clone().cast(FloatDType::F32), &transpose_heads(&self.pv)),
+        match self.latents() {
+            Some((k, v)) => KvView {
+                keys: self.keys_post_rope(&k),
+                values: project(v, &transpose_heads(&self.pv)),
                 positions,
             },
-            _ => {
+            None => {
                 let z = Tensor::zeros([b, h, 0, d], &self.device);
                 KvView {
                     keys: z.clone(),
@@ -365,5 +539,7 @@ impl KvCache for PaluCache {
         self.slots.reset();
         self.keys = None;
         self.values = None;
+        self.qkeys = None;
+        self.qvalues = None;
     }
 }

@@ -144,6 +144,8 @@ pub(crate) struct LatentParts<'a> {
     pub(crate) keys: Vec<&'a Tensor<4>>,
     pub(crate) values: Vec<&'a Tensor<4>>,
     pub(crate) bases: Vec<&'a Tensor<3>>,
+    /// Further buffers held (quantized latents: codes, scales, zero points), by role.
+    pub(crate) extra: Vec<HeldBuffer>,
 }
 
 impl LatentParts<'_> {
@@ -158,11 +160,19 @@ impl LatentParts<'_> {
     /// The bytes held: latents as keys and values, positions and bases as metadata.
     pub(crate) fn memory(&self, shape: &KvShape) -> MemoryReport {
         let sum4 = |ts: &[&Tensor<4>]| ts.iter().map(|t| bytes(Some(*t))).sum::<usize>();
+        let extra = |role: StorageRole| {
+            self.extra
+                .iter()
+                .filter(|b| b.role == role)
+                .map(|b| b.bytes)
+                .sum::<usize>()
+        };
         MemoryReport {
-            key_bytes: sum4(&self.keys),
-            value_bytes: sum4(&self.values),
+            key_bytes: sum4(&self.keys) + extra(StorageRole::Keys),
+            value_bytes: sum4(&self.values) + extra(StorageRole::Values),
             metadata_bytes: self.slots.metadata_bytes()
-                + self.bases.iter().map(|b| bytes(Some(*b))).sum::<usize>(),
+                + self.bases.iter().map(|b| bytes(Some(*b))).sum::<usize>()
+                + extra(StorageRole::Metadata),
             logical_elements: self.slots.logical_elements(shape),
             logical_tokens: self.slots.logical_tokens(),
             held_token_slots: shape.streams() * self.slots.len(),
@@ -181,6 +191,7 @@ impl LatentParts<'_> {
         for b in &self.bases {
             out.push(HeldBuffer::tensor(StorageRole::Metadata, *b));
         }
+        out.extend(self.extra.iter().cloned());
         self.slots.held(&mut out);
         out
     }

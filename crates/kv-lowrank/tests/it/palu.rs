@@ -204,3 +204,135 @@ fn bad_configs_and_artefacts_are_rejected() {
         .expect("params");
     assert_eq!((cfg.layer, cfg.rank_k, cfg.rank_v), (1, 3, 4));
 }
+
+// Palu + quantization: 4-bit latents (Hadamard-rotated, one group per head's latent).
+kv_testkit::kv_cache_contract!(palu_latent_4bit, |d: &Device| -> Box<dyn KvCache> {
+    Box::new(
+        PaluConfig::new(shape(), "unused", 1, 4, 8, rope(8))
+            .with_latent_quant(4, 0, true)
+            .init_with(&synthetic_calibration(shape()), d)
+            .expect("init"),
+    )
+});
+
+fn filled(cfg: PaluConfig, t: usize, device: &Device) -> kv_lowrank::PaluCache {
+    let mut palu = cfg
+        .init_with(&synthetic_calibration(shape()), device)
+        .expect("init");
+    let dims = [2, 2, t, 8];
+    palu.append(
+        KvBlock::contiguous(
+            seeded_tensor(dims, 1, 1.0, device),
+            seeded_tensor(dims, 2, 1.0, device),
+            0,
+        )
+        .expect("block"),
+    )
+    .expect("append");
+    palu
+}
+
+/// The Hadamard rotation is folded into the bases, so it changes nothing but the latents'
+/// coordinates: at 8 bits the quantized cache attends like the fp one within 8-bit error, with
+/// or without it, and its bases stay orthonormal.
+#[test]
+fn quantized_latents_attend_like_fp_latents_within_their_error() {
+    let device = test_device();
+    let base = PaluConfig::new(shape(), "unused", 0, 4, 4, rope(8));
+    let mut fp = filled(base.clone(), 10, &device);
+    let q = Query::contiguous(seeded_tensor([2, 4, 3, 8], 5, 1.0, &device), 7).expect("q");
+    let want = fp.attend(&q, StatsRequest::NONE).expect("attend").output;
+    for hadamard in [true, false] {
+        let mut c = filled(base.clone().with_latent_quant(8, 0, hadamard), 10, &device);
+        let got = c.attend(&q, StatsRequest::NONE).expect("attend").output;
+        assert_close(&got, &want, 2e-2, 0.0);
+        let u = to_vec(c.key_basis());
+        for head in 0..2 {
+            let err = kv_lowrank::orthonormality_error(&u[head * 32..(head + 1) * 32], 8, 4);
+            assert!(err < 1e-5, "hadamard {hadamard}, head {head}: {err}");
+        }
+    }
+    // 2-bit latents are further off than 8-bit ones.
+    let mut c2 = filled(base.with_latent_quant(2, 0, true), 10, &device);
+    let got2 = c2.attend(&q, StatsRequest::NONE).expect("attend").output;
+    assert!(kv_testkit::max_diff(&got2, &want) > 1e-3);
+}
+
+#[test]
+fn quantized_latent_memory_is_codes_and_scales() {
+    let device = test_device();
+    let t = 12;
+    for (bits, group) in [(4, 0), (2, 2), (3, 4)] {
+        let cfg = PaluConfig::new(shape(), "unused", 0, 4, 8, rope(8))
+            .with_latent_quant(bits, group, true);
+        let palu = filled(cfg.clone(), t, &device);
+        let (sk, sv) = cfg.latent_specs().expect("specs").expect("quantized");
+        let m = palu.memory();
+        assert_eq!(m.key_bytes, sk.stored_bytes([2, 2, t, 4]), "{bits} bits");
+        assert_eq!(m.value_bytes, sv.stored_bytes([2, 2, t, 8]), "{bits} bits");
+        memory_matches_buffers(&palu).expect("honest memory");
+        assert_eq!(
+            cfg.bytes_per_token() * t,
+            sk.stored_bytes([2, 2, t, 4]) / 2 + sv.stored_bytes([2, 2, t, 8]) / 2 + 4 * t,
+            "per token per sequence"
+        );
+        // Fewer bytes than the fp32 latents.
+        assert!(m.key_bytes + m.value_bytes < 2 * 2 * t * (4 + 8) * 4);
+    }
+}
+
+#[test]
+fn bad_latent_quantization_is_rejected_and_bad_data_leaves_the_cache() {
+    let device = test_device();
+    let s = shape();
+    let cal = synthetic_calibration(s);
+    let base = PaluConfig::new(s, "u", 0, 4, 6, rope(8));
+    assert_invalid(
+        base.clone()
+            .with_latent_quant(5, 0, false)
+            .init_with(&cal, &device),
+        "bit width",
+    );
+    assert_invalid(
+        base.clone()
+            .with_latent_quant(4, 0, true)
+            .init_with(&cal, &device),
+        "power-of-two",
+    );
+    assert_invalid(
+        base.clone()
+            .with_latent_quant(4, 4, false)
+            .init_with(&cal, &device),
+        "does not divide",
+    );
+    let cfg = PaluConfig::from_params(
+        s,
+        0,
+        rope(8),
+        [
+            ("calibration", "u"),
+            ("rank", "4"),
+            ("bits", "3"),
+            ("hadamard", "false"),
+        ],
+    )
+    .expect("params");
+    assert_eq!((cfg.latent_bits, cfg.hadamard), (Some(3), false));
+    let mut palu = filled(
+        PaluConfig::new(s, "u", 0, 4, 4, rope(8)).with_latent_quant(4, 0, true),
+        6,
+        &device,
+    );
+    let before = palu.memory();
+    let mut k = seeded_data(32, 3, 1.0);
+    k[0] = f32::NAN;
+    let bad = KvBlock::contiguous(
+        tensor_from(k, [2, 2, 1, 8], &device),
+        seeded_tensor([2, 2, 1, 8], 4, 1.0, &device),
+        6,
+    )
+    .expect("block");
+    assert!(palu.append(bad).is_err());
+    assert_eq!(palu.memory(), before);
+    assert_eq!(palu.lengths().held, vec![6; 4]);
+}
