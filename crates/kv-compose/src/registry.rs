@@ -388,6 +388,24 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Codec(build_clusterkv),
         },
+        MethodEntry {
+            name: "tokenselect",
+            summary: "TokenSelect: per-head softmax soft votes pick the tokens all heads attend \
+                      to: 128 sinks + 512 recent + top_k (required); selection reused while \
+                      the query's cosine with the last selecting one is >= 0.9",
+            params: kv_pq::TokenSelectConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_tokenselect),
+        },
+        MethodEntry {
+            name: "rvq",
+            summary: "residual VQ: keys and values stored as codes of per-layer, per-KV-head \
+                      residual codebooks (calibration=PATH from `kv-eval calibrate --rvq`, \
+                      stages=N of those trained) plus an fp16 scale per token and head",
+            params: kv_pq::RvqConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_rvq),
+        },
         // kv-lowrank: channel / feature-dimension reduction (docs/techniques/lowrank.md).
         MethodEntry {
             name: "think",
@@ -826,6 +844,20 @@ fn lowrank_params(spec: &MethodSpec) -> impl Iterator<Item = (&str, &str)> + '_ 
     spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str()))
 }
 
+/// One layer's residual-VQ cache (kv-pq): `calibration=PATH` is a `kv-eval calibrate --rvq`
+/// artefact whose entry for this layer holds the codebooks.
+fn build_rvq(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_pq::RvqConfig::from_params(
+        cx.shape,
+        cx.layer,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?
+    .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
 /// One layer's ThinK cache (kv-lowrank); the stage's ratio is `λ`, the fraction of key
 /// channels removed (0.4 when not given).
 fn build_think(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
@@ -955,6 +987,8 @@ from_params_builders! {
     build_double_sparsity => kv_pq::DoubleSparsityConfig;
     /// ClusterKV (kv-pq).
     build_clusterkv => kv_pq::ClusterKvConfig;
+    /// TokenSelect (kv-pq).
+    build_tokenselect => kv_pq::TokenSelectConfig;
     /// CaM-style merge-on-evict (kv-dmc).
     build_cam => kv_dmc::MergeEvictConfig;
 }

@@ -2,7 +2,9 @@
 //! captures every layer's keys (after and before RoPE), queries and values, and writes the
 //! PCA artefact that the low-rank caches of `kv-lowrank` load (Loki, Eigen Attention), and
 //! with `--kvquant FILE` the per-layer KVQuant calibration (thresholds and non-uniform
-//! codebooks from the pre-RoPE keys and the values) that `kvquant:calibration=FILE` loads.
+//! codebooks from the pre-RoPE keys and the values) that `kvquant:calibration=FILE` loads,
+//! and with `--rvq FILE` the residual-VQ codebooks of `kv-pq` (from the post-RoPE keys and the
+//! values, as the cache receives them) that `rvq:calibration=FILE` loads.
 //!
 //! Each layer's cache is a `Capture`: a full dense cache that feeds what it is given to a
 //! shared [`CovarianceAccumulator`]. The text is cut into windows that run as independent
@@ -30,11 +32,15 @@ USAGE:
   kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--start-at STR]
                     [--tokens N] [--window N] [--tokenizer GGUF]
                     [--kvquant FILE [--kvquant-bits B] [--kvquant-sinks N]]
+                    [--rvq FILE [--rvq-sub-dim D] [--rvq-entries C] [--rvq-stages S]]
 
 Defaults: the SmolLM2 GGUF of the asset folder, the text of Emma (calibration and evaluation
 texts must differ: evaluation uses Pride and Prejudice), 8192 tokens in windows of 2048.
 --kvquant also writes KVQuant's calibration (JSON, one entry per layer) for B-bit codebooks
-(default 4), sparsity threshold 0.99 (1% outliers) and N fp16 sink tokens (default 0).";
+(default 4), sparsity threshold 0.99 (1% outliers) and N fp16 sink tokens (default 0).
+--rvq also writes residual-VQ codebooks (JSON) per layer and KV head for keys and values:
+groups of D channels (default 8), C entries per codebook (default 256), S stages (default 4),
+k-means of 20 iterations on at most 16384 groups per KV head.";
 
 /// One layer's captured windows of pre-RoPE keys and values (for KVQuant's calibration).
 type Windows = Arc<Mutex<Vec<(Tensor<4>, Tensor<4>)>>>;
@@ -49,6 +55,8 @@ struct Capture {
     acc: Arc<Mutex<CovarianceAccumulator>>,
     /// Pre-RoPE keys and values of this window, kept for KVQuant's calibration.
     keep: Option<Windows>,
+    /// Post-RoPE keys and values of this window, kept for the residual-VQ calibration.
+    keep_post: Option<Windows>,
 }
 
 impl Capture {
@@ -69,6 +77,11 @@ impl KvCache for Capture {
     }
     fn append(&mut self, block: KvBlock) -> kv_core::Result<()> {
         self.observe(Activation::Keys, block.keys())?;
+        if let Some(keep) = &self.keep_post {
+            keep.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push((block.keys().clone(), block.values().clone()));
+        }
         let pre = self.rope.unapply(block.keys().clone(), block.positions());
         self.observe(Activation::KeysPreRope, &pre)?;
         if let Some(keep) = &self.keep {
@@ -111,6 +124,10 @@ struct Options {
     kvquant: Option<PathBuf>,
     kvquant_bits: u32,
     kvquant_sinks: usize,
+    rvq: Option<PathBuf>,
+    rvq_sub_dim: usize,
+    rvq_entries: usize,
+    rvq_stages: usize,
 }
 
 fn parse(raw: &[String]) -> Result<Options> {
@@ -125,6 +142,10 @@ fn parse(raw: &[String]) -> Result<Options> {
         kvquant: None,
         kvquant_bits: 4,
         kvquant_sinks: 0,
+        rvq: None,
+        rvq_sub_dim: 8,
+        rvq_entries: 256,
+        rvq_stages: 4,
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -146,6 +167,10 @@ fn parse(raw: &[String]) -> Result<Options> {
             "--tokens" => o.tokens = count(value)?,
             "--window" => o.window = count(value)?,
             "--kvquant" => o.kvquant = Some(PathBuf::from(value)),
+            "--rvq" => o.rvq = Some(PathBuf::from(value)),
+            "--rvq-sub-dim" => o.rvq_sub_dim = count(value)?,
+            "--rvq-entries" => o.rvq_entries = count(value)?,
+            "--rvq-stages" => o.rvq_stages = count(value)?,
             "--kvquant-bits" => {
                 o.kvquant_bits = value
                     .parse()
@@ -214,6 +239,10 @@ pub fn run(raw: &[String]) -> Result<()> {
     let kept: Vec<Windows> = (0..layers)
         .map(|_| Arc::new(Mutex::new(Vec::new())))
         .collect();
+    // Per layer, the post-RoPE keys and values of every whole window (residual VQ).
+    let kept_post: Vec<Windows> = (0..layers)
+        .map(|_| Arc::new(Mutex::new(Vec::new())))
+        .collect();
     for (w, chunk) in ids[..o.tokens].chunks(o.window).enumerate() {
         let whole = chunk.len() == o.window;
         let caches = (0..layers)
@@ -224,6 +253,7 @@ pub fn run(raw: &[String]) -> Result<()> {
                     rope: model.rope().clone(),
                     acc: acc.clone(),
                     keep: (o.kvquant.is_some() && whole).then(|| kept[layer].clone()),
+                    keep_post: (o.rvq.is_some() && whole).then(|| kept_post[layer].clone()),
                 }) as Box<dyn KvCache>)
             })
             .collect::<kv_core::Result<Vec<_>>>()?;
@@ -257,6 +287,9 @@ pub fn run(raw: &[String]) -> Result<()> {
     cal.save(&o.out)?;
     if let Some(path) = &o.kvquant {
         write_kvquant(path, &kept, &o)?;
+    }
+    if let Some(path) = &o.rvq {
+        write_rvq(path, &kept_post, &o, &name(&o.model), &name(&o.text))?;
     }
     let m = cal.meta();
     eprintln!(
@@ -328,6 +361,68 @@ fn write_kvquant(path: &Path, kept: &[Windows], o: &Options) -> Result<()> {
         path.display(),
         o.kvquant_bits,
         layers.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Trains the residual-VQ codebooks of every layer from the captured post-RoPE keys and values
+/// (each window one sequence) and writes the JSON artefact `rvq:calibration=FILE` reads.
+fn write_rvq(path: &Path, kept: &[Windows], o: &Options, model: &str, source: &str) -> Result<()> {
+    let t0 = Instant::now();
+    let cfg = kv_pq::RvqTrainConfig::new(o.rvq_sub_dim, o.rvq_entries, o.rvq_stages);
+    let mut layers = Vec::with_capacity(kept.len());
+    let mut shape = (0, 0, 0);
+    for (layer, windows) in kept.iter().enumerate() {
+        let windows = std::mem::take(&mut *windows.lock().unwrap_or_else(PoisonError::into_inner));
+        if windows.is_empty() {
+            return Err(EvalError::Usage(format!(
+                "--rvq needs at least one whole window of {} tokens",
+                o.window
+            )));
+        }
+        let (ks, vs): (Vec<_>, Vec<_>) = windows.into_iter().unzip();
+        let (k, v) = (Tensor::cat(ks, 0), Tensor::cat(vs, 0));
+        let [w, h, n, d] = k.dims();
+        shape = (h, d, w * n);
+        let books = kv_pq::rvq::train_layer(&k, &v, &cfg)
+            .map_err(|e| EvalError::Usage(format!("RVQ calibration of layer {layer}: {e}")))?;
+        layers.push(books);
+        eprintln!(
+            "RVQ layer {layer}: {} stages x {} entries ({:.1}s)",
+            cfg.stages,
+            cfg.entries,
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    let (kv_heads, head_dim, tokens) = shape;
+    let artefact = kv_pq::RvqArtefact {
+        version: kv_pq::RVQ_VERSION,
+        model: model.to_owned(),
+        source: source.to_owned(),
+        tokens,
+        num_layers: layers.len(),
+        kv_heads,
+        head_dim,
+        sub_dim: cfg.sub_dim,
+        entries: cfg.entries,
+        stages: cfg.stages,
+        strided_keys: cfg.strided_keys,
+        layers,
+    };
+    artefact
+        .validate()
+        .map_err(|e| EvalError::Usage(e.to_string()))?;
+    artefact
+        .save(path)
+        .map_err(|e| EvalError::Usage(e.to_string()))?;
+    eprintln!(
+        "wrote {}: RVQ of {} layers, groups of {} channels, {} stages x {} entries ({:.1}s)",
+        path.display(),
+        artefact.num_layers,
+        cfg.sub_dim,
+        cfg.stages,
+        cfg.entries,
         t0.elapsed().as_secs_f64()
     );
     Ok(())

@@ -5,11 +5,15 @@
 //! attention over the best pages), Double Sparsity ([`DoubleSparsityCache`]: scores from a
 //! few label channels of every key, exact attention over the best tokens) and ClusterKV
 //! ([`ClusterKvCache`]: k-means clusters of the keys ranked by their centroids, exact
-//! attention over the best clusters).
+//! attention over the best clusters), TokenSelect ([`TokenSelectCache`]: per-head soft votes
+//! pick the tokens every head attends to exactly, with a selection reused across similar
+//! queries) and residual vector quantization ([`RvqCache`]: keys and values stored as code
+//! indices of per-layer codebooks learned offline, [`RvqArtefact`]).
 //!
-//! The caches keep every token and attend to a query-dependent subset; they do not evict
-//! (see `kv-evict`) and do not make the stored keys and values smaller (see `kv-quant`): what
-//! they save is the number of keys and values a decode step reads. Their
+//! The selection caches keep every token and attend to a query-dependent subset; they do not
+//! evict (see `kv-evict`) and do not make the stored keys and values smaller (see `kv-quant`):
+//! what they save is the number of keys and values a decode step reads. The residual-VQ cache
+//! is the exception: it holds codes instead of keys and values. Their
 //! [`MemoryReport`](kv_core::MemoryReport) counts everything held, the full K/V included.
 //!
 //! Everything is written with Burn tensor ops on `Tensor<D>` and a
@@ -46,7 +50,10 @@ pub mod pq;
 pub mod pqcache;
 pub mod quest;
 mod rng;
+pub mod rvq;
+pub mod rvqcache;
 mod select;
+pub mod tokenselect;
 
 pub use budget::Budget;
 pub use clusterkv::{ClusterKvCache, ClusterKvConfig};
@@ -55,3 +62,6 @@ pub use kmeans::{KMeans, KMeansConfig, kmeans};
 pub use pq::ProductQuantizer;
 pub use pqcache::{PqCache, PqCacheConfig, PqMemory};
 pub use quest::{QuestCache, QuestConfig};
+pub use rvq::{RVQ_VERSION, ResidualQuantizer, RvqArtefact, RvqLayerCodebooks, RvqTrainConfig};
+pub use rvqcache::{RvqCache, RvqConfig};
+pub use tokenselect::{TokenSelectCache, TokenSelectConfig};

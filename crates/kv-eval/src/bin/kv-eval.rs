@@ -38,6 +38,7 @@ USAGE:
   kv-eval prefix  [--model PATH] [--text PATH] [--start-at STR] [--sequences 4] [--prefix 2048]
                   [--suffix 256] [--decode 16] [--chunk 64] [--json OUT]
   kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--tokens N] [--window N]
+                    [--kvquant FILE] [--rvq FILE]   (see kv-eval calibrate --help)
   kv-eval methods
 
 Defaults: --model and --text point into the asset folder ($KV_ASSETS_DIR or ./assets, filled

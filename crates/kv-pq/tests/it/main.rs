@@ -7,3 +7,5 @@ mod kmeans;
 mod pq;
 mod pqcache;
 mod quest;
+mod rvq;
+mod tokenselect;
