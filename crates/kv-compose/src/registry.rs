@@ -117,28 +117,36 @@ pub fn registry() -> Vec<MethodEntry> {
         MethodEntry {
             name: "knorm",
             summary: "evict by key norm, keep the lowest-norm keys (kvpress KnormPress)",
-            params: kv_evict::DecodeCompression::PARAMS,
+            params: EVICT_PARAMS,
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "snapkv",
             summary: "observation-window voting, window 64, kernel 5 (kvpress SnapKVPress)",
-            params: &["window", "kernel", "gqa", "decode_every", "decode_target"],
+            params: &[
+                "window",
+                "kernel",
+                "gqa",
+                "decode_every",
+                "decode_target",
+                "sinks",
+                "recent",
+            ],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "streaming_llm",
             summary: "keep 4 sink tokens and the most recent prompt tokens (StreamingLLMPress)",
-            params: &["n_sink", "decode_every", "decode_target"],
+            params: &["n_sink", "decode_every", "decode_target", "sinks", "recent"],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "tova",
             summary: "evict by the last prompt query's head-mean attention (kvpress TOVAPress)",
-            params: kv_evict::DecodeCompression::PARAMS,
+            params: EVICT_PARAMS,
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
@@ -146,14 +154,14 @@ pub fn registry() -> Vec<MethodEntry> {
             name: "observed_attention",
             summary: "H2O at prefill: mean attention each token received (ObservedAttentionPress); \
                       recent=F always keeps the last F of the prompt (MiniKV's H2O)",
-            params: &["gqa", "recent"],
+            params: &["gqa", "recent", "sinks"],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "keydiff",
             summary: "keep keys least similar to the mean key (kvpress KeyDiffPress)",
-            params: kv_evict::DecodeCompression::PARAMS,
+            params: EVICT_PARAMS,
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
@@ -169,15 +177,18 @@ pub fn registry() -> Vec<MethodEntry> {
                 "gqa",
                 "decode_every",
                 "decode_target",
+                "sinks",
+                "recent",
             ],
             takes_ratio: true,
             builder: Builder::Selection(select_evict),
         },
         MethodEntry {
             name: "streaming_llm_decode",
-            summary: "StreamingLLM rolling cache: 4 sinks + 512 recent tokens, evicted while decoding",
+            summary: "StreamingLLM rolling cache: 4 sinks + 512 recent tokens (or ratio=R: \
+                      floor(n (1 - R)) of the prompt's n, sinks included), evicted while decoding",
             params: &["n_sink", "recent"],
-            takes_ratio: false,
+            takes_ratio: true,
             builder: Builder::Policy(|spec, cx| {
                 let num = |key: &str, default: usize| -> Result<usize> {
                     spec.params.get(key).map_or(Ok(default), |v| {
@@ -185,12 +196,18 @@ pub fn registry() -> Vec<MethodEntry> {
                             .map_err(|_| spec.bad(key, &format!("`{v}` is not a token count")))
                     })
                 };
-                let cfg = kv_evict::StreamingConfig::new(
-                    cx.shape,
-                    num("n_sink", 4)?,
-                    num("recent", 512)?,
-                );
-                Ok(Box::new(cfg.init(&cx.device)?) as Box<dyn KvCache>)
+                let cfg = match spec.ratio {
+                    Some(r) => {
+                        no_budget_with_ratio(spec, &["recent"])?;
+                        kv_evict::StreamingConfig::with_ratio(cx.shape, num("n_sink", 4)?, r)
+                    }
+                    None => kv_evict::StreamingConfig::new(
+                        cx.shape,
+                        num("n_sink", 4)?,
+                        num("recent", 512)?,
+                    ),
+                };
+                Ok(Box::new(cfg.init(&cx.device).map_err(bad_param(spec))?) as Box<dyn KvCache>)
             }),
         },
         // kv-evict: budget allocation over the kvpress scorers.
@@ -205,6 +222,8 @@ pub fn registry() -> Vec<MethodEntry> {
                 "beta",
                 "decode_every",
                 "decode_target",
+                "sinks",
+                "recent",
             ],
             takes_ratio: true,
             builder: Builder::Selection(select_pyramidkv),
@@ -220,6 +239,8 @@ pub fn registry() -> Vec<MethodEntry> {
                 "alpha_safeguard",
                 "decode_every",
                 "decode_target",
+                "sinks",
+                "recent",
             ],
             takes_ratio: true,
             builder: Builder::Selection(select_adakv),
@@ -237,9 +258,10 @@ pub fn registry() -> Vec<MethodEntry> {
             name: "h2o",
             summary: "H2O: heavy hitters by attention accumulated over prefill and decode + \
                       recent tokens, evicted while decoding (heavy, recent: counts or \
-                      fractions of the prompt; default 0.1 each)",
+                      fractions of the prompt; default 0.1 each; or ratio=R: floor(n (1 - R)) \
+                      of the prompt's n, half recent, half heavy)",
             params: &["heavy", "recent", "gqa"],
-            takes_ratio: false,
+            takes_ratio: true,
             builder: Builder::Policy(build_h2o),
         },
         // kv-quant: KIVI (per-channel keys, per-token values, fp window of recent tokens).
@@ -323,7 +345,7 @@ pub fn registry() -> Vec<MethodEntry> {
                       prompt (default 0.5), 10 recent + 4 sinks never evicted \
                       (cold-compress KVCacheHeavyHitter)",
             params: kv_evict::ScissorhandsConfig::PARAMS,
-            takes_ratio: false,
+            takes_ratio: true,
             builder: Builder::Policy(build_scissorhands),
         },
         MethodEntry {
@@ -332,7 +354,7 @@ pub fn registry() -> Vec<MethodEntry> {
                       decode step), budget = tokens or a fraction of the prompt (default 0.6), \
                       30% of it recent tokens (d-matrix-ai/keyformer-llm)",
             params: kv_evict::KeyformerConfig::PARAMS,
-            takes_ratio: false,
+            takes_ratio: true,
             builder: Builder::Policy(build_keyformer),
         },
         MethodEntry {
@@ -349,7 +371,9 @@ pub fn registry() -> Vec<MethodEntry> {
             summary: "HeadKV: SnapKV (window 32, kernel 7) with per-head budgets from offline \
                       retrieval-head scores (artefact=PATH, default the shipped SmolLM2-135M \
                       calibration), beta 1.01, temp 1",
-            params: &["window", "kernel", "gqa", "beta", "temp", "artefact"],
+            params: &[
+                "window", "kernel", "gqa", "beta", "temp", "artefact", "sinks", "recent",
+            ],
             takes_ratio: true,
             builder: Builder::Selection(select_headkv),
         },
@@ -443,6 +467,36 @@ pub fn registry() -> Vec<MethodEntry> {
             takes_ratio: false,
             builder: Builder::Codec(build_palu),
         },
+        MethodEntry {
+            name: "lorc",
+            summary: "LoRC (data free): pre-RoPE key and value latents on the right singular \
+                      vectors of W_k, W_v per KV head, progressive ranks from max_rank (first \
+                      layer, default d) to min_rank (last, default d/4) by cumulative condition \
+                      numbers; needs calibration=PATH (example lorc_weights)",
+            params: kv_lowrank::LorcConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_lorc),
+        },
+        MethodEntry {
+            name: "matryoshka",
+            summary: "MatryoshkaKV (PCA initialisation, no training): keys and values on nested \
+                      PCA bases, per-head ranks averaging rank_k, rank_v (default 0.4 d) \
+                      allocated over the model by eigenvalue share, key_basis=keys (default) or \
+                      query_key; needs calibration=PATH (kv-eval calibrate)",
+            params: kv_lowrank::MatryoshkaConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_matryoshka),
+        },
+        MethodEntry {
+            name: "cskv",
+            summary: "CSKV (closed-form, no training): old tokens as features of the joint \
+                      pre-RoPE keys / values of all heads (k_density 0.25, v_density 0.75), \
+                      the last `window` (32) tokens exact; needs calibration=PATH (kv-eval \
+                      calibrate)",
+            params: kv_lowrank::CskvConfig::PARAMS,
+            takes_ratio: false,
+            builder: Builder::Codec(build_cskv),
+        },
         // kv-quant: QJL (1-bit JL sketch of keys, scores from the bits; KIVI-style values).
         MethodEntry {
             name: "qjl",
@@ -484,36 +538,6 @@ pub fn registry() -> Vec<MethodEntry> {
             params: kv_dmc::DmcConfig::PARAMS,
             takes_ratio: false,
             builder: Builder::Policy(build_dmc),
-        },
-        MethodEntry {
-            name: "lorc",
-            summary: "LoRC (data free): pre-RoPE key and value latents on the right singular \
-                      vectors of W_k, W_v per KV head, progressive ranks from max_rank (first \
-                      layer, default d) to min_rank (last, default d/4) by cumulative condition \
-                      numbers; needs calibration=PATH (example lorc_weights)",
-            params: kv_lowrank::LorcConfig::PARAMS,
-            takes_ratio: false,
-            builder: Builder::Codec(build_lorc),
-        },
-        MethodEntry {
-            name: "matryoshka",
-            summary: "MatryoshkaKV (PCA initialisation, no training): keys and values on nested \
-                      PCA bases, per-head ranks averaging rank_k, rank_v (default 0.4 d) \
-                      allocated over the model by eigenvalue share, key_basis=keys (default) or \
-                      query_key; needs calibration=PATH (kv-eval calibrate)",
-            params: kv_lowrank::MatryoshkaConfig::PARAMS,
-            takes_ratio: false,
-            builder: Builder::Codec(build_matryoshka),
-        },
-        MethodEntry {
-            name: "cskv",
-            summary: "CSKV (closed-form, no training): old tokens as features of the joint \
-                      pre-RoPE keys / values of all heads (k_density 0.25, v_density 0.75), \
-                      the last `window` (32) tokens exact; needs calibration=PATH (kv-eval \
-                      calibrate)",
-            params: kv_lowrank::CskvConfig::PARAMS,
-            takes_ratio: false,
-            builder: Builder::Codec(build_cskv),
         },
         MethodEntry {
             name: "cam",
@@ -633,6 +657,10 @@ fn select_evict(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::EvictC
     select_budgeted(spec, cx, &spec.name, &[], kv_evict::BudgetKind::Uniform)
 }
 
+/// Parameters of the kvpress scorers without parameters of their own (knorm, tova, keydiff):
+/// decode-time compression and the protected sinks and recent tokens.
+const EVICT_PARAMS: &[&str] = &["decode_every", "decode_target", "sinks", "recent"];
+
 /// Parameters of `adakv`: `scorer`, `alpha_safeguard` and every scorer's parameters (each
 /// checked against the chosen scorer by [`kv_evict::ScorerConfig::from_params`]).
 const ADAKV_PARAMS: &[&str] = &[
@@ -648,7 +676,44 @@ const ADAKV_PARAMS: &[&str] = &[
     "epsilon",
     "decode_every",
     "decode_target",
+    "sinks",
+    "recent",
 ];
+
+/// Whether `key` is a protection parameter of a selection over `scorer`
+/// ([`kv_evict::EvictConfig::PROTECT_PARAMS`]) rather than one of the scorer's own
+/// (`observed_attention`'s `recent` is its fraction of the prompt).
+fn is_protect_param(scorer: &str, key: &str) -> bool {
+    let scorer_takes = kv_evict::PARAMS
+        .iter()
+        .any(|(name, params)| *name == scorer && params.contains(&key));
+    kv_evict::EvictConfig::PROTECT_PARAMS.contains(&key) && !scorer_takes
+}
+
+/// The protected `(sinks, recent)` token counts of a selection over `scorer` (0 when not
+/// given).
+fn protected(spec: &MethodSpec, scorer: &str) -> Result<(usize, usize)> {
+    let count = |key: &str| -> Result<usize> {
+        match spec.params.get(key) {
+            Some(v) if is_protect_param(scorer, key) => v
+                .parse()
+                .map_err(|_| spec.bad(key, &format!("`{v}` is not a token count"))),
+            _ => Ok(0),
+        }
+    };
+    Ok((count("sinks")?, count("recent")?))
+}
+
+/// Rejects explicit budget parameters of a decode-time policy when the spec gives a ratio.
+fn no_budget_with_ratio(spec: &MethodSpec, budget_params: &[&str]) -> Result<()> {
+    match budget_params.iter().find(|k| spec.params.contains_key(**k)) {
+        Some(k) => Err(spec.bad(
+            k,
+            "conflicts with the ratio, which sets the budget; give one or the other",
+        )),
+        None => Ok(()),
+    }
+}
 
 /// A kv-evict selection with scorer `scorer` (parameters from `spec` except those in `skip`)
 /// and budget `budget`.
@@ -667,10 +732,12 @@ pub(crate) fn select_budgeted(
             .filter(|(k, _)| {
                 !skip.contains(&k.as_str())
                     && !kv_evict::DecodeCompression::PARAMS.contains(&k.as_str())
+                    && !is_protect_param(scorer, k)
             })
             .map(|(k, v)| (k.as_str(), v.as_str())),
     )
     .map_err(&bad)?;
+    let (sinks, recent) = protected(spec, scorer.name())?;
     let decode = kv_evict::DecodeCompression::from_params(
         spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
     )
@@ -678,7 +745,8 @@ pub(crate) fn select_budgeted(
     let mut cfg = kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
         .with_budget(budget)
         .with_rope(cx.rope.clone())
-        .with_layer(cx.layer, cx.num_layers);
+        .with_layer(cx.layer, cx.num_layers)
+        .with_protected(sinks, recent);
     if let Some(dc) = decode {
         cfg = cfg.with_decode_compression(dc.every, dc.target);
     }
@@ -723,10 +791,48 @@ fn build_h2o(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
                 kv_evict::TokenBudget::parse(key, v).map_err(&bad)
             })
     };
-    let mut cfg = kv_evict::H2oConfig::new(cx.shape, budget("heavy")?, budget("recent")?);
+    let mut cfg = match spec.ratio {
+        Some(r) => {
+            no_budget_with_ratio(spec, &["heavy", "recent"])?;
+            kv_evict::H2oConfig::with_ratio(cx.shape, r)
+        }
+        None => kv_evict::H2oConfig::new(cx.shape, budget("heavy")?, budget("recent")?),
+    };
     if let Some(g) = spec.params.get("gqa") {
         cfg.gqa = kv_evict::GqaReduce::parse(g)
             .ok_or_else(|| spec.bad("gqa", &format!("`{g}` is not one of mean, max, sum")))?;
+    }
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// Scissorhands (kv-evict, decode-time): `budget` as tokens or a kept fraction, or the
+/// spec's ratio (the fraction removed: `floor(n (1 - ratio))` of the prompt's `n`).
+fn build_scissorhands(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let mut cfg = kv_evict::ScissorhandsConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    if let Some(r) = spec.ratio {
+        no_budget_with_ratio(spec, &["budget"])?;
+        cfg.budget = kv_evict::TokenBudget::from_ratio(r).map_err(&bad)?;
+    }
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// Keyformer (kv-evict, decode-time): `budget` as tokens or a kept fraction, or the spec's
+/// ratio (the fraction removed), split into recent and key tokens as the reference does.
+fn build_keyformer(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let mut cfg = kv_evict::KeyformerConfig::from_params(
+        cx.shape,
+        spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    )
+    .map_err(&bad)?;
+    if let Some(r) = spec.ratio {
+        no_budget_with_ratio(spec, &["budget"])?;
+        cfg.budget = kv_evict::TokenBudget::from_ratio(r).map_err(&bad)?;
     }
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }
@@ -790,6 +896,8 @@ const COVERAGE_PARAMS: &[&str] = &[
     "use_covariance",
     "use_vnorm",
     "epsilon",
+    "sinks",
+    "recent",
 ];
 
 /// LeanKV-style coverage: per-head budgets covering a share of each head's score mass.
@@ -824,24 +932,40 @@ fn select_headkv(spec: &MethodSpec, cx: &LayerContext) -> Result<kv_evict::Evict
     let mut params: std::collections::BTreeMap<&str, &str> = spec
         .params
         .iter()
-        .filter(|(k, _)| !["beta", "temp", "artefact"].contains(&k.as_str()))
+        .filter(|(k, _)| {
+            !["beta", "temp", "artefact"].contains(&k.as_str()) && !is_protect_param("snapkv", k)
+        })
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     params.entry("window").or_insert("32");
     params.entry("kernel").or_insert("7");
     let scorer = kv_evict::ScorerConfig::from_params("snapkv", params).map_err(&bad)?;
+    let (sinks, recent) = protected(spec, "snapkv")?;
     Ok(
         kv_evict::EvictConfig::new(cx.shape, spec.ratio.unwrap_or(0.5), scorer)
             .with_budget(kv_evict::BudgetKind::HeadKv { beta, temp })
             .with_head_importance(importance)
             .with_rope(cx.rope.clone())
-            .with_layer(cx.layer, cx.num_layers),
+            .with_layer(cx.layer, cx.num_layers)
+            .with_protected(sinks, recent),
     )
 }
 
 /// The `key=value` parameters of a spec as string pairs (kv-lowrank's `from_params`).
 fn lowrank_params(spec: &MethodSpec) -> impl Iterator<Item = (&str, &str)> + '_ {
     spec.params.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+}
+
+/// One layer's ThinK cache (kv-lowrank); the stage's ratio is `λ`, the fraction of key
+/// channels removed (0.4 when not given).
+fn build_think(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let mut cfg =
+        kv_lowrank::ThinkConfig::from_params(cx.shape, lowrank_params(spec)).map_err(&bad)?;
+    if let Some(r) = spec.ratio {
+        cfg.pruning_ratio = r;
+    }
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }
 
 /// One layer's residual-VQ cache (kv-pq): `calibration=PATH` is a `kv-eval calibrate --rvq`
@@ -855,18 +979,6 @@ fn build_rvq(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
     )
     .map_err(&bad)?
     .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's ThinK cache (kv-lowrank); the stage's ratio is `λ`, the fraction of key
-/// channels removed (0.4 when not given).
-fn build_think(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let mut cfg =
-        kv_lowrank::ThinkConfig::from_params(cx.shape, lowrank_params(spec)).map_err(&bad)?;
-    if let Some(r) = spec.ratio {
-        cfg.pruning_ratio = r;
-    }
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }
 
@@ -892,6 +1004,45 @@ fn build_eigen(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>>
 fn build_palu(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
     let bad = bad_param(spec);
     let cfg = kv_lowrank::PaluConfig::from_params(
+        cx.shape,
+        cx.layer,
+        cx.rope.clone(),
+        lowrank_params(spec),
+    )
+    .map_err(&bad)?
+    .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's LoRC cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` is the weight
+/// spectra artefact of `cargo run -p kv-lowrank --example lorc_weights`.
+fn build_lorc(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::LorcConfig::from_params(
+        cx.shape,
+        cx.layer,
+        cx.rope.clone(),
+        lowrank_params(spec),
+    )
+    .map_err(&bad)?
+    .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's MatryoshkaKV cache (kv-lowrank): `calibration=PATH` as for Loki.
+fn build_matryoshka(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::MatryoshkaConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
+        .map_err(&bad)?
+        .with_num_layers(cx.num_layers);
+    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+}
+
+/// One layer's CSKV cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` as for Loki (an
+/// artefact of format version 2, with the joint bases).
+fn build_cskv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+    let bad = bad_param(spec);
+    let cfg = kv_lowrank::CskvConfig::from_params(
         cx.shape,
         cx.layer,
         cx.rope.clone(),
@@ -975,10 +1126,6 @@ from_params_builders! {
     build_qjl => kv_quant::QjlConfig;
     /// GEAR (kv-quant).
     build_gear => kv_quant::GearConfig;
-    /// Scissorhands (kv-evict, decode-time).
-    build_scissorhands => kv_evict::ScissorhandsConfig;
-    /// Keyformer (kv-evict, decode-time).
-    build_keyformer => kv_evict::KeyformerConfig;
     /// Quest (kv-pq).
     build_quest => kv_pq::QuestConfig;
     /// PQCache (kv-pq).
@@ -992,41 +1139,160 @@ from_params_builders! {
     /// CaM-style merge-on-evict (kv-dmc).
     build_cam => kv_dmc::MergeEvictConfig;
 }
-/// One layer's LoRC cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` is the weight
-/// spectra artefact of `cargo run -p kv-lowrank --example lorc_weights`.
-fn build_lorc(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::LorcConfig::from_params(
-        cx.shape,
-        cx.layer,
-        cx.rope.clone(),
-        lowrank_params(spec),
-    )
-    .map_err(&bad)?
-    .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
 
-/// One layer's MatryoshkaKV cache (kv-lowrank): `calibration=PATH` as for Loki.
-fn build_matryoshka(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::MatryoshkaConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
-        .map_err(&bad)?
-        .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
+/// The kv-evict entries: protected sinks and recent tokens on every selection, ratios on the
+/// decode-time policies (public API only, so the module can move to `tests/it`).
+#[cfg(test)]
+mod evict_entries_tests {
+    use kv_core::{KvBlock, KvCache, KvShape, Query, RopeConfig, RopeConvention, StatsRequest};
+    use kv_testkit::{seeded_tensor, test_device};
 
-/// One layer's CSKV cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` as for Loki (an
-/// artefact of format version 2, with the joint bases).
-fn build_cskv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::CskvConfig::from_params(
-        cx.shape,
-        cx.layer,
-        cx.rope.clone(),
-        lowrank_params(spec),
-    )
-    .map_err(&bad)?
-    .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+    use crate::{Builder, LayerContext, PipelineSpec, build_layer, lookup};
+
+    fn cx() -> LayerContext {
+        LayerContext {
+            layer: 0,
+            num_layers: 2,
+            shape: KvShape::new(1, 1, 2, 8).expect("shape"),
+            device: test_device(),
+            rope: RopeConfig::new(8, 10_000.0, RopeConvention::RotateHalf),
+        }
+    }
+
+    fn selection(line: &str) -> kv_evict::EvictConfig {
+        let spec = PipelineSpec::parse_line(line)
+            .expect("parse")
+            .stages
+            .remove(0);
+        match lookup(&spec).expect("lookup").builder {
+            Builder::Selection(f) => f(&spec, &cx()).unwrap_or_else(|e| panic!("{line}: {e}")),
+            other => panic!("{line} is a {}", other.role()),
+        }
+    }
+
+    fn build(line: &str) -> crate::Result<Box<dyn KvCache>> {
+        build_layer(&PipelineSpec::parse_line(line)?, &cx())
+    }
+
+    /// Held tokens after a prefill of `n` attended by its own queries.
+    fn held_after_prefill(line: &str, n: usize) -> usize {
+        let mut c = build(line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        let d = test_device();
+        let kv = [1, 1, n, 8];
+        c.append(
+            KvBlock::contiguous(
+                seeded_tensor(kv, 1, 1.0, &d),
+                seeded_tensor(kv, 2, 1.0, &d),
+                0,
+            )
+            .expect("block"),
+        )
+        .expect("append");
+        let q = seeded_tensor([1, 2, n, 8], 3, 1.0, &d);
+        c.attend(&Query::contiguous(q, 0).expect("q"), StatsRequest::NONE)
+            .expect("attend");
+        c.end_prefill().expect("end_prefill");
+        c.lengths().held[0]
+    }
+
+    #[test]
+    fn every_selection_takes_sinks_and_recent() {
+        for line in [
+            "knorm",
+            "snapkv",
+            "streaming_llm",
+            "tova",
+            "keydiff",
+            "expected_attention",
+            "pyramidkv",
+            "adakv_snapkv",
+            "adakv:scorer=knorm",
+            "headkv",
+            "coverage",
+        ] {
+            let line = format!(
+                "{line}{}sinks=4,recent=8",
+                if line.contains(':') { "," } else { ":" }
+            );
+            let cfg = selection(&line);
+            assert_eq!((cfg.sinks, cfg.recent), (4, 8), "{line}");
+        }
+        // Default: nothing protected (kvpress's selection).
+        assert_eq!(
+            (selection("snapkv").sinks, selection("snapkv").recent),
+            (0, 0)
+        );
+        // observed_attention's `recent` stays its fraction of the prompt (MiniKV's H2O);
+        // `sinks` is the protection.
+        let cfg = selection("observed_attention:recent=0.25,sinks=2");
+        assert_eq!((cfg.sinks, cfg.recent), (2, 0));
+        assert!(matches!(
+            cfg.scorer,
+            kv_evict::ScorerConfig::ObservedAttention { recent, .. } if recent == 0.25
+        ));
+        assert!(build("knorm:sinks=four").is_err());
+        // Through the cache: 64 tokens at ratio 0.9 keep 6, which cannot hold 4 + 8.
+        assert_eq!(
+            held_after_prefill("knorm:ratio=0.5,sinks=4,recent=8", 64),
+            32
+        );
+        let mut c = build("knorm:ratio=0.9,sinks=4,recent=8").expect("build");
+        let d = test_device();
+        let kv = [1, 1, 64, 8];
+        c.append(
+            KvBlock::contiguous(
+                seeded_tensor(kv, 1, 1.0, &d),
+                seeded_tensor(kv, 2, 1.0, &d),
+                0,
+            )
+            .expect("block"),
+        )
+        .expect("append");
+        let e = c.end_prefill().expect_err("6 < 4 + 8");
+        assert!(e.to_string().contains("recent"), "{e}");
+    }
+
+    #[test]
+    fn decode_time_policies_take_a_ratio() {
+        for name in ["h2o", "streaming_llm_decode", "scissorhands", "keyformer"] {
+            let spec = PipelineSpec::parse_line(name)
+                .expect("parse")
+                .stages
+                .remove(0);
+            assert!(lookup(&spec).expect("lookup").takes_ratio, "{name}");
+        }
+        // floor(64 (1 - 0.75)) = 16 per KV head at the end of prefill, for every policy.
+        for line in [
+            "h2o:ratio=0.75",
+            "streaming_llm_decode:ratio=0.75",
+            "scissorhands:ratio=0.75",
+            "keyformer:ratio=0.75",
+        ] {
+            assert_eq!(held_after_prefill(line, 64), 16, "{line}");
+        }
+        // Explicit budgets keep working.
+        assert_eq!(held_after_prefill("h2o:heavy=5,recent=3", 64), 8);
+        assert_eq!(
+            held_after_prefill("streaming_llm_decode:n_sink=2,recent=6", 64),
+            8
+        );
+        assert_eq!(held_after_prefill("scissorhands:budget=20", 64), 20);
+        assert_eq!(held_after_prefill("keyformer:budget=0.25", 64), 16);
+        // A ratio and an explicit budget conflict.
+        for (line, param) in [
+            ("h2o:ratio=0.5,heavy=8", "heavy"),
+            ("h2o:ratio=0.5,recent=0.1", "recent"),
+            ("streaming_llm_decode:ratio=0.5,recent=8", "recent"),
+            ("scissorhands:ratio=0.5,budget=20", "budget"),
+            ("keyformer:ratio=0.5,budget=0.5", "budget"),
+        ] {
+            let e = build(line).err().unwrap_or_else(|| panic!("{line} built"));
+            let msg = e.to_string();
+            assert!(
+                msg.contains(param) && msg.contains("ratio"),
+                "{line}: {msg}"
+            );
+        }
+        assert!(build("h2o:ratio=1.0").is_err());
+    }
 }

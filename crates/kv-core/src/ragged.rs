@@ -127,7 +127,8 @@ pub struct StreamView<'a> {
     pub keys: Option<Tensor<2>>,
     /// Held values in fp32, `[len, head_dim]`.
     pub values: Option<Tensor<2>>,
-    /// Original positions of the held tokens, ascending.
+    /// Original positions of the held tokens, in row order: ascending, unless
+    /// [`RaggedCache::append_into`] wrote new tokens into the rows of evicted ones.
     pub positions: &'a [u32],
 }
 
@@ -231,6 +232,49 @@ impl RaggedCache {
         Ok(())
     }
 
+    /// The original positions of the tokens held by stream (`b`, `h`), in row order (see
+    /// [`StreamView::positions`]); cheaper than [`stream`](RaggedCache::stream), which also
+    /// hands out the keys and values.
+    ///
+    /// # Panics
+    /// If `b` or `h` is out of range.
+    pub fn positions(&self, b: usize, h: usize) -> &[u32] {
+        let s = self.config.shape;
+        assert!(
+            b < s.batch() && h < s.kv_heads(),
+            "RaggedCache::positions({b}, {h}) out of range"
+        );
+        &self.streams[b * s.kv_heads() + h].positions
+    }
+
+    /// The memory of sequence `b` alone: its streams' buffers and positions and its logical
+    /// tokens. Summed over the sequences it is [`memory`](KvCache::memory), so that the bytes
+    /// an eviction frees can be read per sequence of a batch.
+    ///
+    /// # Panics
+    /// If `b` is out of range.
+    pub fn sequence_memory(&self, b: usize) -> MemoryReport {
+        let s = self.config.shape;
+        assert!(
+            b < s.batch(),
+            "RaggedCache::sequence_memory({b}) out of range for batch {}",
+            s.batch()
+        );
+        let row = s.head_dim() * self.config.dtype.size();
+        let streams = &self.streams[b * s.kv_heads()..(b + 1) * s.kv_heads()];
+        let cap: usize = streams.iter().map(Stream::cap).sum();
+        let held: usize = streams.iter().map(|st| st.len).sum();
+        let logical_tokens = self.logical[b];
+        MemoryReport {
+            key_bytes: cap * row,
+            value_bytes: cap * row,
+            metadata_bytes: held * core::mem::size_of::<u32>(),
+            logical_elements: 2 * logical_tokens * s.kv_heads() * s.head_dim(),
+            logical_tokens,
+            held_token_slots: held,
+        }
+    }
+
     /// Shrinks every stream's buffers to exactly the held rows (drops growth slack).
     pub fn shrink_to_fit(&mut self) {
         for st in &mut self.streams {
@@ -241,6 +285,165 @@ impl RaggedCache {
             }
             st.positions.shrink_to_fit();
         }
+    }
+
+    /// Appends a block as [`append`](KvCache::append) does, except that a stream given
+    /// `Some(rows)` in `slots` (one entry per (sequence, KV head), row-major) writes its
+    /// sequence's new tokens, in order, into those held rows, overwriting the tokens there
+    /// (evicting them), instead of after its held rows: one row written per token and no copy
+    /// of the others, the cheap path of a decode-time policy that evicts one token per new one.
+    /// Such a stream's positions are then no longer in row order (see [`StreamView`]);
+    /// attention masks by position, so its result is the same up to the summation order.
+    /// A `None` stream appends as usual.
+    ///
+    /// # Errors
+    /// As [`append`](KvCache::append); [`KvError::ShapeMismatch`] for a wrong number of slot
+    /// lists or a list whose length is not the sequence's number of new tokens,
+    /// [`KvError::IndexOutOfRange`] or [`KvError::BadPositions`] for a row that is not held or
+    /// repeated. The cache is unchanged on error.
+    pub fn append_into(&mut self, block: KvBlock, slots: &[Option<Vec<usize>>]) -> Result<()> {
+        self.append_slots(block, Some(slots), "RaggedCache::append_into")
+    }
+
+    fn check_slots(
+        &self,
+        slots: &[Option<Vec<usize>>],
+        counts: &[usize],
+        op: &'static str,
+    ) -> Result<()> {
+        let kvh = self.config.shape.kv_heads();
+        if slots.len() != self.streams.len() {
+            return Err(KvError::ShapeMismatch {
+                op,
+                what: "slot lists (batch * kv_heads)",
+                expected: self.streams.len(),
+                got: slots.len(),
+            });
+        }
+        for (si, rows) in slots.iter().enumerate() {
+            let Some(rows) = rows else { continue };
+            if rows.len() != counts[si / kvh] {
+                return Err(KvError::ShapeMismatch {
+                    op,
+                    what: "slots of a stream (its sequence's new tokens)",
+                    expected: counts[si / kvh],
+                    got: rows.len(),
+                });
+            }
+            let len = self.streams[si].len;
+            for (i, &r) in rows.iter().enumerate() {
+                if r >= len {
+                    return Err(KvError::IndexOutOfRange { op, index: r, len });
+                }
+                if rows[..i].contains(&r) {
+                    return Err(KvError::BadPositions {
+                        op,
+                        reason: format!("slot {r} given twice"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// [`append`](KvCache::append), writing the new tokens of the streams given a `Some`
+    /// in `slots` into those rows instead of after the held ones.
+    fn append_slots(
+        &mut self,
+        block: KvBlock,
+        slots: Option<&[Option<Vec<usize>>]>,
+        op: &'static str,
+    ) -> Result<()> {
+        let s = self.config.shape;
+        check_block(&s, &block, op)?;
+        let n = block.seq_len();
+        let counts = check_positions(block.positions(), s.batch(), &self.last_seen, op)?;
+        if let Some(slots) = slots {
+            self.check_slots(slots, &counts, op)?;
+        }
+        let slot = |si: usize| slots.and_then(|sl| sl[si].as_deref());
+        if let Some(cap) = self.config.capacity {
+            for b in 0..s.batch() {
+                for h in 0..s.kv_heads() {
+                    let si = b * s.kv_heads() + h;
+                    let grows = if slot(si).is_some() { 0 } else { counts[b] };
+                    let requested = self.streams[si].len + grows;
+                    if requested > cap {
+                        return Err(KvError::CapacityExceeded {
+                            op,
+                            capacity: cap,
+                            requested,
+                        });
+                    }
+                }
+            }
+        }
+
+        let dtype = match self.config.dtype {
+            StorageDtype::F32 => FloatDType::F32,
+            StorageDtype::F16 => FloatDType::F16,
+        };
+        let (keys, values, pos) = block.into_parts();
+        let d = s.head_dim();
+        for b in 0..s.batch() {
+            if counts[b] == 0 {
+                continue;
+            }
+            let row = &pos[b * n..(b + 1) * n];
+            let kept: Vec<usize> = (0..n).filter(|&i| row[i] != PAD).collect();
+            let mut kb = keys.clone().slice([b..b + 1, 0..s.kv_heads(), 0..n, 0..d]);
+            let mut vb = values
+                .clone()
+                .slice([b..b + 1, 0..s.kv_heads(), 0..n, 0..d]);
+            if kept.len() < n {
+                let ids: Vec<i32> = kept.iter().map(|&i| i as i32).collect();
+                let ids =
+                    Tensor::<1, Int>::from_data(TensorData::new(ids, [kept.len()]), &self.device);
+                kb = kb.select(2, ids.clone());
+                vb = vb.select(2, ids);
+            }
+            let m = kept.len();
+            for h in 0..s.kv_heads() {
+                let rows = slot(b * s.kv_heads() + h).map(<[usize]>::to_vec);
+                let st = &mut self.streams[b * s.kv_heads() + h];
+                let kh = kb
+                    .clone()
+                    .slice([0..1, h..h + 1, 0..m, 0..d])
+                    .reshape([m, d]);
+                let vh = vb
+                    .clone()
+                    .slice([0..1, h..h + 1, 0..m, 0..d])
+                    .reshape([m, d]);
+                if let Some(rows) = rows {
+                    // One row written per new token, in place: the rows of evicted tokens.
+                    let (kh, vh) = (kh.cast(dtype), vh.cast(dtype));
+                    let (mut keys, mut values) = (
+                        st.keys
+                            .take()
+                            .expect("invariant: checked slots are held rows"),
+                        st.values
+                            .take()
+                            .expect("invariant: checked slots are held rows"),
+                    );
+                    for (i, &r) in rows.iter().enumerate() {
+                        let (k, v) = (kh.clone(), vh.clone());
+                        keys = keys.slice_assign([r..r + 1, 0..d], k.slice([i..i + 1, 0..d]));
+                        values = values.slice_assign([r..r + 1, 0..d], v.slice([i..i + 1, 0..d]));
+                        st.positions[r] = row[kept[i]];
+                    }
+                    st.keys = Some(keys);
+                    st.values = Some(values);
+                    continue;
+                }
+                st.keys = Some(write_rows(st.keys.take(), kh.cast(dtype), st.len));
+                st.values = Some(write_rows(st.values.take(), vh.cast(dtype), st.len));
+                st.positions.extend(kept.iter().map(|&i| row[i]));
+                st.len += m;
+            }
+            self.logical[b] += counts[b];
+            self.last_seen[b] = kept.last().map(|&i| row[i]);
+        }
+        Ok(())
     }
 
     fn attend_stream(
@@ -303,69 +506,7 @@ impl KvCache for RaggedCache {
     }
 
     fn append(&mut self, block: KvBlock) -> Result<()> {
-        const OP: &str = "RaggedCache::append";
-        let s = self.config.shape;
-        check_block(&s, &block, OP)?;
-        let n = block.seq_len();
-        let counts = check_positions(block.positions(), s.batch(), &self.last_seen, OP)?;
-        if let Some(cap) = self.config.capacity {
-            for b in 0..s.batch() {
-                for h in 0..s.kv_heads() {
-                    let requested = self.streams[b * s.kv_heads() + h].len + counts[b];
-                    if requested > cap {
-                        return Err(KvError::CapacityExceeded {
-                            op: OP,
-                            capacity: cap,
-                            requested,
-                        });
-                    }
-                }
-            }
-        }
-
-        let dtype = match self.config.dtype {
-            StorageDtype::F32 => FloatDType::F32,
-            StorageDtype::F16 => FloatDType::F16,
-        };
-        let (keys, values, pos) = block.into_parts();
-        let d = s.head_dim();
-        for b in 0..s.batch() {
-            if counts[b] == 0 {
-                continue;
-            }
-            let row = &pos[b * n..(b + 1) * n];
-            let kept: Vec<usize> = (0..n).filter(|&i| row[i] != PAD).collect();
-            let mut kb = keys.clone().slice([b..b + 1, 0..s.kv_heads(), 0..n, 0..d]);
-            let mut vb = values
-                .clone()
-                .slice([b..b + 1, 0..s.kv_heads(), 0..n, 0..d]);
-            if kept.len() < n {
-                let ids: Vec<i32> = kept.iter().map(|&i| i as i32).collect();
-                let ids =
-                    Tensor::<1, Int>::from_data(TensorData::new(ids, [kept.len()]), &self.device);
-                kb = kb.select(2, ids.clone());
-                vb = vb.select(2, ids);
-            }
-            let m = kept.len();
-            for h in 0..s.kv_heads() {
-                let st = &mut self.streams[b * s.kv_heads() + h];
-                let kh = kb
-                    .clone()
-                    .slice([0..1, h..h + 1, 0..m, 0..d])
-                    .reshape([m, d]);
-                let vh = vb
-                    .clone()
-                    .slice([0..1, h..h + 1, 0..m, 0..d])
-                    .reshape([m, d]);
-                st.keys = Some(write_rows(st.keys.take(), kh.cast(dtype), st.len));
-                st.values = Some(write_rows(st.values.take(), vh.cast(dtype), st.len));
-                st.positions.extend(kept.iter().map(|&i| row[i]));
-                st.len += m;
-            }
-            self.logical[b] += counts[b];
-            self.last_seen[b] = kept.last().map(|&i| row[i]);
-        }
-        Ok(())
+        self.append_slots(block, None, "RaggedCache::append")
     }
 
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> Result<Attended> {

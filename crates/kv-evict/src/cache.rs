@@ -9,7 +9,7 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{BudgetAllocator, BudgetContext, BudgetKind, check_ratio};
+use crate::budget::{BudgetAllocator, BudgetContext, BudgetKind, CoverageBudget, check_ratio};
 use crate::headkv::{HeadImportance, HeadKvBudget};
 use crate::score::{self, QueryMoments, to_host};
 use crate::scorer::ScorerConfig;
@@ -53,10 +53,22 @@ pub struct EvictConfig {
     /// artefact, checked against `shape` and `num_layers` at `init`).
     #[serde(default)]
     pub head_importance: Option<HeadImportance>,
+    /// Leading tokens of every stream kept whatever the scorer says (attention sinks), inside
+    /// the budget (default 0: kvpress's selection).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sinks: usize,
+    /// Most recent tokens of every stream kept whatever the scorer says, inside the budget
+    /// (default 0: kvpress's selection).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub recent: usize,
 }
 
 fn one() -> usize {
     1
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Periodic decode-time compression (kvpress `DecodingPress`, for long generations): every
@@ -111,6 +123,10 @@ impl DecodeCompression {
 }
 
 impl EvictConfig {
+    /// Parameter names of the protection ([`EvictConfig::sinks`], [`EvictConfig::recent`]),
+    /// accepted by every selection method of the registry.
+    pub const PROTECT_PARAMS: &'static [&'static str] = &["sinks", "recent"];
+
     /// A single-layer config with fp32 storage, a uniform budget and no RoPE.
     pub fn new(shape: KvShape, ratio: f64, scorer: ScorerConfig) -> Self {
         EvictConfig {
@@ -125,7 +141,16 @@ impl EvictConfig {
             keep_scores: false,
             decode: None,
             head_importance: None,
+            sinks: 0,
+            recent: 0,
         }
+    }
+    /// Protects the first `sinks` and the last `recent` tokens of every stream: they are kept
+    /// before the rest is chosen by score, inside the same budget.
+    pub fn with_protected(mut self, sinks: usize, recent: usize) -> Self {
+        self.sinks = sinks;
+        self.recent = recent;
+        self
     }
     /// Sets the model's RoPE.
     pub fn with_rope(mut self, rope: RopeConfig) -> Self {
@@ -171,8 +196,10 @@ impl EvictConfig {
     /// a layer index not below `num_layers`, a missing or mismatched RoPE for
     /// `expected_attention`, a decode compression that cannot work (see
     /// [`DecodeCompression`]: `every` and `target` at least 1, `every` at least the scorer's
-    /// window, `target` above the scorer's minimum prompt, a budget that leaves every head of
-    /// a sequence the same length, a scorer other than `observed_attention`).
+    /// window, `target` above the scorer's minimum prompt and at least `sinks + recent`, a
+    /// budget that leaves every head of a sequence the same length, a scorer other than
+    /// `observed_attention`). A budget smaller than `sinks + recent` is only known at
+    /// `end_prefill`, which then fails with `InvalidConfig` and leaves the cache unchanged.
     pub fn init(&self, device: &Device) -> Result<EvictingCache> {
         check_ratio(self.ratio)?;
         self.scorer.validate()?;
@@ -233,6 +260,12 @@ impl EvictConfig {
                     temp,
                 )?)
             }
+            BudgetKind::Coverage { mass } => {
+                // The protected tokens are pinned: kept, and left out of the score mass.
+                let c = CoverageBudget::for_scorer(mass, &self.scorer)?;
+                let (front, back) = (c.pinned_front, c.pinned_back);
+                Box::new(c.with_pinned(front.max(self.sinks), back.max(self.recent)))
+            }
             other => other.allocator_for(self.ratio, &self.scorer)?,
         };
         let inner = RaggedCacheConfig::new(self.shape)
@@ -262,6 +295,15 @@ impl EvictConfig {
         }
         if dc.target == 0 {
             return bad("decode_target", "must keep at least 1 token".into());
+        }
+        if dc.target < self.sinks + self.recent {
+            return bad(
+                "decode_target",
+                format!(
+                    "{} tokens cannot hold the protected sinks {} + recent {}",
+                    dc.target, self.sinks, self.recent
+                ),
+            );
         }
         if dc.every < needs.window {
             return bad(
@@ -343,8 +385,9 @@ struct Moments {
 /// What the cache recorded during prefill.
 #[derive(Debug, Clone, Default)]
 struct Observations {
-    /// The last `window` queries, `[batch, q_heads, w, head_dim]`, and their positions.
-    window: Option<(Tensor<4>, Vec<u32>)>,
+    /// Per sequence, its last (at most `window`) non-padding queries, `[1, q_heads, w,
+    /// head_dim]`, and their positions.
+    window: Vec<Option<(Tensor<4>, Vec<u32>)>>,
     /// Column sums of the prefill attention, `[batch, kv_heads, group, width]`.
     col_sums: Option<Tensor<4>>,
     /// Query moments per sequence.
@@ -356,7 +399,7 @@ struct Observations {
 impl Observations {
     fn buffers(&self) -> Vec<HeldBuffer> {
         let mut out = Vec::new();
-        if let Some((q, pos)) = &self.window {
+        for (q, pos) in self.window.iter().flatten() {
             out.push(HeldBuffer::tensor(StorageRole::Metadata, q));
             out.push(HeldBuffer::host(StorageRole::Metadata, pos));
         }
@@ -454,7 +497,9 @@ impl EvictingCache {
             return Ok(false);
         };
         let budgets: Vec<usize> = held.iter().map(|&n| n.min(target)).collect();
-        let keep = keep_lists(&scores, &budgets);
+        let ranked = self.protect(&scores);
+        self.check_protected(&held, &budgets)?;
+        let keep = keep_lists(ranked.as_ref().unwrap_or(&scores), &budgets);
         self.inner.retain(&keep)?;
         if self.config.keep_scores {
             self.scores = scores;
@@ -464,36 +509,96 @@ impl EvictingCache {
         Ok(true)
     }
 
+    /// The scores with the protected tokens of every stream (the first `sinks`, the last
+    /// `recent`) raised to `+inf`, so that allocators count them as kept and every top-k keeps
+    /// them; `None` when nothing is protected (the scores are used as they are).
+    fn protect(&self, scores: &[Vec<f32>]) -> Option<Vec<Vec<f32>>> {
+        let (sinks, recent) = (self.config.sinks, self.config.recent);
+        if sinks == 0 && recent == 0 {
+            return None;
+        }
+        Some(
+            scores
+                .iter()
+                .map(|s| {
+                    let n = s.len();
+                    let mut s = s.clone();
+                    s[..sinks.min(n)].fill(f32::INFINITY);
+                    s[n - recent.min(n)..].fill(f32::INFINITY);
+                    s
+                })
+                .collect(),
+        )
+    }
+
+    /// Checks that every stream's budget holds its protected tokens.
+    fn check_protected(&self, held: &[usize], budgets: &[usize]) -> Result<()> {
+        let (sinks, recent) = (self.config.sinks, self.config.recent);
+        let kvh = self.config.shape.kv_heads();
+        for (s, (&n, &b)) in held.iter().zip(budgets).enumerate() {
+            let protected = (sinks + recent).min(n);
+            if b < protected {
+                return Err(KvError::InvalidConfig {
+                    field: if recent > 0 { "recent" } else { "sinks" },
+                    reason: format!(
+                        "sequence {}, KV head {}: a budget of {b} of its {n} tokens is smaller \
+                         than the protected sinks {sinks} + recent {recent}",
+                        s / kvh,
+                        s % kvh
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn record(&mut self, query: &Query, col_sums: Option<Tensor<4>>) {
         self.obs.any_query = true;
         let needs = self.config.scorer.needs();
         let s = self.config.shape;
         let [b, qh, n, d] = query.tensor().dims();
         if needs.window > 0 {
-            let (q, pos) = match self.obs.window.take() {
-                Some((old, old_pos)) => {
-                    let m = old.dims()[2];
-                    let mut pos = Vec::with_capacity(b * (m + n));
-                    for bi in 0..b {
-                        pos.extend_from_slice(&old_pos[bi * m..(bi + 1) * m]);
-                        pos.extend_from_slice(&query.positions()[bi * n..(bi + 1) * n]);
+            // Per sequence, its own last `window` real queries (padding slots skipped), so that
+            // a sequence of a padded batch is scored as it would be alone.
+            let w = needs.window;
+            if self.obs.window.len() != b {
+                self.obs.window = vec![None; b];
+            }
+            for bi in 0..b {
+                let row = &query.positions()[bi * n..(bi + 1) * n];
+                let rows: Vec<usize> = (0..n).filter(|&i| row[i] != PAD).collect();
+                let rows = &rows[rows.len().saturating_sub(w)..];
+                let (Some(&first), Some(&last)) = (rows.first(), rows.last()) else {
+                    continue;
+                };
+                let q = query.tensor().clone();
+                let q = if last + 1 - first == rows.len() {
+                    q.slice([bi..bi + 1, 0..qh, first..last + 1, 0..d])
+                } else {
+                    let ids: Vec<i32> = rows.iter().map(|&i| i as i32).collect();
+                    let ids = Tensor::<1, Int>::from_data(
+                        TensorData::new(ids, [rows.len()]),
+                        self.inner.device(),
+                    );
+                    q.slice([bi..bi + 1, 0..qh, 0..n, 0..d]).select(2, ids)
+                };
+                let pos: Vec<u32> = rows.iter().map(|&i| row[i]).collect();
+                let (q, mut pos) = match self.obs.window[bi].take() {
+                    Some((old, mut old_pos)) => {
+                        old_pos.extend(pos);
+                        (Tensor::cat(vec![old, q], 2), old_pos)
                     }
-                    (Tensor::cat(vec![old, query.tensor().clone()], 2), pos)
-                }
-                None => (query.tensor().clone(), query.positions().to_vec()),
-            };
-            let len = q.dims()[2];
-            let w = needs.window.min(len);
-            let keep = if w < len {
-                let mut p = Vec::with_capacity(b * w);
-                for bi in 0..b {
-                    p.extend_from_slice(&pos[bi * len + len - w..(bi + 1) * len]);
-                }
-                (q.slice([0..b, 0..qh, len - w..len, 0..d]), p)
-            } else {
-                (q, pos)
-            };
-            self.obs.window = Some(keep);
+                    None => (q, pos),
+                };
+                let m = pos.len();
+                let q = if m > w {
+                    pos.drain(..m - w);
+                    q.slice([0..1, 0..qh, m - w..m, 0..d])
+                } else {
+                    q
+                };
+                self.obs.window[bi] = Some((q, pos));
+            }
         }
         if let Some(c) = col_sums {
             self.obs.col_sums = Some(match self.obs.col_sums.take() {
@@ -588,20 +693,38 @@ impl EvictingCache {
         }
         // The observation window's attention over the whole prompt, from the same cache.
         let window_cols = if needs.window > 0 {
-            let Some((q, pos)) = self.obs.window.clone() else {
-                return Ok(None);
-            };
-            let got = q.dims()[2];
-            if got < needs.window {
-                return Err(KvError::InvalidConfig {
-                    field: "window",
-                    reason: format!(
-                        "{} window queries needed, only {got} were attended during prefill",
-                        needs.window
-                    ),
-                });
+            // One batch of queries: every sequence's own last `window` queries (padding for a
+            // sequence that holds nothing).
+            let w = needs.window;
+            let mut qs = Vec::with_capacity(s.batch());
+            let mut pos = Vec::with_capacity(s.batch() * w);
+            for bi in 0..s.batch() {
+                let seen = self.obs.window.get(bi).and_then(Option::as_ref);
+                let got = seen.map_or(0, |(_, p)| p.len());
+                match seen {
+                    Some((q, p)) if got == w => {
+                        qs.push(q.clone());
+                        pos.extend_from_slice(p);
+                    }
+                    _ if held[bi * kvh] == 0 => {
+                        qs.push(Tensor::zeros([1, s.q_heads(), w, d], &device));
+                        pos.extend(core::iter::repeat_n(PAD, w));
+                    }
+                    // Decode compression: a sequence that skipped steps (padding slots) has
+                    // not refilled its window yet; compress at the next interval.
+                    _ if target.is_some() => return Ok(None),
+                    _ => {
+                        return Err(KvError::InvalidConfig {
+                            field: "window",
+                            reason: format!(
+                                "{w} window queries needed, only {got} were attended during \
+                                 prefill for sequence {bi}"
+                            ),
+                        });
+                    }
+                }
             }
-            let q = Query::new(q, pos)?;
+            let q = Query::new(Tensor::cat(qs, 0), pos)?;
             self.inner
                 .attend(&q, StatsRequest::COLUMN_SUMS)?
                 .stats
@@ -838,15 +961,17 @@ impl KvCache for EvictingCache {
             });
             return Ok(());
         };
+        let ranked = self.protect(&scores);
         let ctx = BudgetContext {
             layer: self.config.layer,
             num_layers: self.config.num_layers,
             kv_heads: self.config.shape.kv_heads(),
             held: &lengths.held,
-            scores: &scores,
+            scores: ranked.as_ref().unwrap_or(&scores),
         };
         let budgets = self.allocator.allocate(&ctx)?;
-        let keep = keep_lists(&scores, &budgets);
+        self.check_protected(&lengths.held, &budgets)?;
+        let keep = keep_lists(ranked.as_ref().unwrap_or(&scores), &budgets);
         self.inner.retain(&keep)?;
         let after = self.inner.lengths().total_held();
         if self.config.keep_scores {

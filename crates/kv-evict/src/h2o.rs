@@ -57,6 +57,17 @@ impl TokenBudget {
         }
     }
 
+    /// The budget that keeps what a compression ratio (the fraction removed, in `[0, 1)`)
+    /// keeps: `Ratio(1 - ratio)`, which resolves to kvpress's `floor(n (1 - ratio))` for a
+    /// prompt of `n` tokens ([`kept_for`](crate::kept_for), the same f64 product).
+    ///
+    /// # Errors
+    /// [`KvError::InvalidConfig`] naming `ratio` for a ratio outside `[0, 1)`.
+    pub fn from_ratio(ratio: f64) -> Result<Self> {
+        crate::budget::check_ratio(ratio)?;
+        Ok(TokenBudget::Ratio(1.0 - ratio))
+    }
+
     /// The count for a prompt of `prompt` tokens.
     pub fn resolve(self, prompt: usize) -> usize {
         match self {
@@ -86,9 +97,41 @@ pub struct H2oConfig {
     /// Element type of the stored keys and values (default fp32).
     #[serde(default)]
     pub dtype: StorageDtype,
+    /// Budget as a compression ratio instead of `heavy` and `recent` (which must then both be
+    /// `Tokens(0)`, as [`H2oConfig::with_ratio`] sets them): the fraction of the prompt
+    /// removed, in `[0, 1)`. At [`end_prefill`](KvCache::end_prefill) a sequence of `n` prompt
+    /// tokens gets `B = floor(n (1 - ratio))` tokens per KV head (kvpress's count), half of
+    /// them recent (`floor(B / 2)`) and the rest heavy hitters, H2O's even split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
 }
 
 impl H2oConfig {
+    /// A budget of `floor(n (1 - ratio))` tokens per KV head for a prompt of `n` tokens, split
+    /// evenly between recent tokens and heavy hitters (see [`H2oConfig::ratio`]).
+    pub fn with_ratio(shape: KvShape, ratio: f64) -> Self {
+        let mut cfg = H2oConfig::new(shape, TokenBudget::Tokens(0), TokenBudget::Tokens(0));
+        cfg.ratio = Some(ratio);
+        cfg
+    }
+
+    /// `(heavy, recent)` for a prompt of `prompt` tokens.
+    pub fn resolve(&self, prompt: usize) -> (usize, usize) {
+        match self.ratio {
+            Some(r) => {
+                let total = crate::budget::kept_for(prompt, r);
+                (total - total / 2, total / 2)
+            }
+            None => (self.heavy.resolve(prompt), self.recent.resolve(prompt)),
+        }
+    }
+
+    fn fixed_budgets(&self) -> Vec<Option<(usize, usize)>> {
+        let fixed = (self.ratio.is_none() && !self.heavy.is_ratio() && !self.recent.is_ratio())
+            .then(|| (self.heavy.resolve(0), self.recent.resolve(0)));
+        vec![fixed; self.shape.batch()]
+    }
+
     /// `heavy` heavy hitters plus `recent` recent tokens, mean GQA reduction, fp32 storage.
     pub fn new(shape: KvShape, heavy: TokenBudget, recent: TokenBudget) -> Self {
         H2oConfig {
@@ -97,32 +140,47 @@ impl H2oConfig {
             recent,
             gqa: GqaReduce::Mean,
             dtype: StorageDtype::F32,
+            ratio: None,
         }
     }
 
     /// Validates and builds the cache.
     ///
     /// # Errors
-    /// [`KvError::InvalidConfig`]: a fraction outside `[0, 1]`, or a budget of zero tokens
-    /// (`heavy + recent` must keep something).
+    /// [`KvError::InvalidConfig`]: a fraction outside `[0, 1]`, a budget of zero tokens
+    /// (`heavy + recent` must keep something), a `ratio` outside `[0, 1)` or given together
+    /// with `heavy` or `recent`.
     pub fn init(&self, device: &Device) -> Result<H2oCache> {
         self.heavy.validate("heavy")?;
         self.recent.validate("recent")?;
-        if self.heavy == TokenBudget::Tokens(0) && self.recent == TokenBudget::Tokens(0) {
-            return Err(KvError::InvalidConfig {
-                field: "recent",
-                reason: "heavy + recent is 0: the cache would keep nothing".into(),
-            });
+        let unset = self.heavy == TokenBudget::Tokens(0) && self.recent == TokenBudget::Tokens(0);
+        match self.ratio {
+            Some(r) => {
+                crate::budget::check_ratio(r)?;
+                if !unset {
+                    return Err(KvError::InvalidConfig {
+                        field: "ratio",
+                        reason: "a ratio sets the budget; it cannot be combined with explicit \
+                                 heavy or recent budgets"
+                            .into(),
+                    });
+                }
+            }
+            None if unset => {
+                return Err(KvError::InvalidConfig {
+                    field: "recent",
+                    reason: "heavy + recent is 0: the cache would keep nothing".into(),
+                });
+            }
+            None => {}
         }
-        let fixed = (!self.heavy.is_ratio() && !self.recent.is_ratio())
-            .then(|| (self.heavy.resolve(0), self.recent.resolve(0)));
         Ok(H2oCache {
             config: self.clone(),
             inner: RaggedCacheConfig::new(self.shape)
                 .with_dtype(self.dtype)
                 .init(device)?,
             scores: HeavyHitters::new(self.shape.streams()),
-            budgets: vec![fixed; self.shape.batch()],
+            budgets: self.fixed_budgets(),
             last_seen: vec![None; self.shape.batch()],
         })
     }
@@ -178,6 +236,28 @@ impl HeavyHitters {
         keep
     }
 
+    /// [`HeavyHitters::keep`] for a stream whose rows hold the tokens at `positions` in any
+    /// order (after in-place replacements): "recent" and "earlier" are by position. Returns
+    /// sorted rows.
+    pub fn keep_at(&self, s: usize, heavy: usize, recent: usize, positions: &[u32]) -> Vec<usize> {
+        crate::slots::keep_by_position(&self.scores[s], positions, |sc| {
+            let n = sc.len();
+            if n <= heavy + recent {
+                return (0..n).collect();
+            }
+            let mut keep = top_k_sorted(&sc[..n - recent], heavy);
+            keep.extend(n - recent..n);
+            keep
+        })
+    }
+
+    /// New tokens took the given rows of stream `s` (in place of evicted ones): score 0.
+    pub fn replace(&mut self, s: usize, rows: &[usize]) {
+        for &r in rows {
+            self.scores[s][r] = 0.0;
+        }
+    }
+
     /// Keeps the given rows of every stream (as [`RaggedCache::retain`] does with the tokens).
     pub fn retain(&mut self, keep: &[Vec<usize>]) {
         for (sc, idx) in self.scores.iter_mut().zip(keep) {
@@ -229,6 +309,12 @@ impl H2oCache {
         &self.config
     }
 
+    /// The underlying ragged storage (per-sequence memory:
+    /// [`RaggedCache::sequence_memory`]).
+    pub fn storage(&self) -> &RaggedCache {
+        &self.inner
+    }
+
     /// The accumulated scores, one list per (sequence, KV head) aligned with the held tokens.
     pub fn scores(&self) -> &[Vec<f32>] {
         self.scores.scores()
@@ -245,19 +331,32 @@ impl H2oCache {
     /// # Errors
     /// As [`RaggedCache::retain`] (not expected: the keep lists are built from the held rows).
     pub fn evict(&mut self) -> Result<()> {
+        let keep = self.keep_lists();
+        self.retain(&keep)
+    }
+
+    /// The rows every stream keeps under its budget (everything when it is not known yet).
+    fn keep_lists(&self) -> Vec<Vec<usize>> {
         let kvh = self.config.shape.kv_heads();
         let held = self.inner.lengths().held;
-        let keep: Vec<Vec<usize>> = (0..held.len())
+        (0..held.len())
             .map(|s| match self.budgets[s / kvh] {
-                Some((heavy, recent)) => self.scores.keep(s, heavy, recent),
+                Some((heavy, recent)) => {
+                    let pos = self.inner.positions(s / kvh, s % kvh);
+                    self.scores.keep_at(s, heavy, recent, pos)
+                }
                 None => (0..held[s]).collect(),
             })
-            .collect();
+            .collect()
+    }
+
+    fn retain(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        let held = self.inner.lengths().held;
         if keep.iter().zip(&held).all(|(k, &n)| k.len() == n) {
             return Ok(());
         }
-        self.inner.retain(&keep)?;
-        self.scores.retain(&keep);
+        self.inner.retain(keep)?;
+        self.scores.retain(keep);
         Ok(())
     }
 }
@@ -288,16 +387,20 @@ impl KvCache for H2oCache {
                     .max()
             })
             .collect();
-        self.evict()?;
-        self.inner.append(block)?;
+        // Evict, writing the new tokens into the evicted rows where one goes per token.
+        let held = self.inner.lengths().held;
+        let (keep, slots) = crate::slots::plan(&held, self.keep_lists(), &counts, s.kv_heads());
+        self.retain(&keep)?;
+        self.inner.append_into(block, &slots)?;
         for (seen, new) in self.last_seen.iter_mut().zip(newest) {
             if new.is_some() {
                 *seen = new;
             }
         }
-        for (b, &c) in counts.iter().enumerate() {
-            for h in 0..s.kv_heads() {
-                self.scores.push(b * s.kv_heads() + h, c);
+        for (si, rows) in slots.iter().enumerate() {
+            match rows {
+                Some(rows) => self.scores.replace(si, rows),
+                None => self.scores.push(si, counts[si / s.kv_heads()]),
             }
         }
         Ok(())
@@ -336,11 +439,14 @@ impl KvCache for H2oCache {
             if slot.is_some() || logical[b] == 0 {
                 continue;
             }
-            let heavy = self.config.heavy.resolve(logical[b]);
-            let recent = self.config.recent.resolve(logical[b]);
+            let (heavy, recent) = self.config.resolve(logical[b]);
             if heavy + recent == 0 {
                 return Err(KvError::InvalidConfig {
-                    field: "recent",
+                    field: if self.config.ratio.is_some() {
+                        "ratio"
+                    } else {
+                        "recent"
+                    },
                     reason: format!(
                         "sequence {b}: heavy + recent resolve to 0 tokens for a prompt of {}",
                         logical[b]
@@ -386,9 +492,7 @@ impl KvCache for H2oCache {
     fn reset(&mut self) {
         self.inner.reset();
         self.scores.clear();
-        let fixed = (!self.config.heavy.is_ratio() && !self.config.recent.is_ratio())
-            .then(|| (self.config.heavy.resolve(0), self.config.recent.resolve(0)));
-        self.budgets = vec![fixed; self.config.shape.batch()];
+        self.budgets = self.config.fixed_budgets();
         self.last_seen = vec![None; self.config.shape.batch()];
     }
 }

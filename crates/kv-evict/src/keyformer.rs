@@ -325,6 +325,12 @@ impl KeyformerCache {
         &self.config
     }
 
+    /// The underlying ragged storage (per-sequence memory:
+    /// [`RaggedCache::sequence_memory`]).
+    pub fn storage(&self) -> &RaggedCache {
+        &self.inner
+    }
+
     /// The accumulated scores, one list per (sequence, KV head) aligned with the held tokens.
     pub fn scores(&self) -> &[Vec<f32>] {
         self.scores.scores()
@@ -341,24 +347,30 @@ impl KeyformerCache {
         self.config.tau_init + k as f32 * self.config.tau_delta
     }
 
-    /// Keeps, per stream, `key` best-scored tokens plus the newest `recent - incoming`.
-    fn make_room(&mut self, incoming: &[usize]) -> Result<()> {
+    /// The rows every stream keeps to make room for `incoming` tokens per sequence: its `key`
+    /// best-scored tokens plus its newest `recent - incoming`.
+    fn keep_lists(&self, incoming: &[usize]) -> Vec<Vec<usize>> {
         let kvh = self.config.shape.kv_heads();
         let held = self.inner.lengths().held;
-        let keep: Vec<Vec<usize>> = (0..held.len())
+        (0..held.len())
             .map(|s| match self.budgets[s / kvh] {
                 Some((recent, key)) => {
-                    self.scores
-                        .keep(s, key, recent.saturating_sub(incoming[s / kvh]))
+                    let pos = self.inner.positions(s / kvh, s % kvh);
+                    let r = recent.saturating_sub(incoming[s / kvh]);
+                    self.scores.keep_at(s, key, r, pos)
                 }
                 None => (0..held[s]).collect(),
             })
-            .collect();
+            .collect()
+    }
+
+    fn retain(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        let held = self.inner.lengths().held;
         if keep.iter().zip(&held).all(|(k, &n)| k.len() == n) {
             return Ok(());
         }
-        self.inner.retain(&keep)?;
-        self.scores.retain(&keep);
+        self.inner.retain(keep)?;
+        self.scores.retain(keep);
         Ok(())
     }
 }
@@ -378,16 +390,21 @@ impl KvCache for KeyformerCache {
         kv_core::check_block(&s, &block, OP)?;
         let counts = kv_core::check_positions(block.positions(), s.batch(), &self.last_seen, OP)?;
         let newest = newest_positions(&block, s.batch());
-        self.make_room(&counts)?;
-        self.inner.append(block)?;
+        // Make room, writing the new tokens into the evicted rows where one goes per token.
+        let held = self.inner.lengths().held;
+        let keep = self.keep_lists(&counts);
+        let (keep, slots) = crate::slots::plan(&held, keep, &counts, s.kv_heads());
+        self.retain(&keep)?;
+        self.inner.append_into(block, &slots)?;
         for (seen, new) in self.last_seen.iter_mut().zip(newest) {
             if new.is_some() {
                 *seen = new;
             }
         }
-        for (b, &c) in counts.iter().enumerate() {
-            for h in 0..s.kv_heads() {
-                self.scores.push(b * s.kv_heads() + h, c);
+        for (si, rows) in slots.iter().enumerate() {
+            match rows {
+                Some(rows) => self.scores.replace(si, rows),
+                None => self.scores.push(si, counts[si / s.kv_heads()]),
             }
         }
         Ok(())
@@ -442,7 +459,8 @@ impl KvCache for KeyformerCache {
         }
         self.budgets = budgets;
         self.prefill_over = true;
-        self.make_room(&vec![0; self.config.shape.batch()])
+        let keep = self.keep_lists(&vec![0; self.config.shape.batch()]);
+        self.retain(&keep)
     }
 
     fn view(&self) -> KvView {

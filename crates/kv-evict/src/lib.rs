@@ -24,12 +24,18 @@
 //!   [`RaggedCache::retain`](kv_core::RaggedCache::retain), and keeps later tokens
 //!   uncompressed (kvpress's protocol: compress the context once, then decode), or re-runs
 //!   the scorer every few decode steps ([`DecodeCompression`], kvpress's `DecodingPress`).
+//!   Any scorer can have its first `sinks` and last `recent` tokens protected
+//!   ([`EvictConfig::with_protected`]): kept first, inside the same budget.
 //!
 //! - **Decode-time policies**: [`StreamingCache`] (StreamingLLM: sinks plus a rolling window
 //!   of recent tokens), [`H2oCache`] (H2O: heavy hitters by attention accumulated over
 //!   prefill and decode, plus recent tokens), [`ScissorhandsCache`] (Scissorhands: tokens
 //!   least often above uniform attention over a history window go) and [`KeyformerCache`]
-//!   (Keyformer: H2O's rule on accumulated Gumbel-softmax scores), evicting as tokens arrive.
+//!   (Keyformer: H2O's rule on accumulated Gumbel-softmax scores), evicting as tokens arrive,
+//!   in place once at budget (the new token takes the evicted token's row,
+//!   [`RaggedCache::append_into`](kv_core::RaggedCache::append_into)); their budgets can also
+//!   be a compression ratio of the prompt ([`H2oConfig::with_ratio`],
+//!   [`StreamingConfig::with_ratio`], [`TokenBudget::from_ratio`]).
 //!
 //! # What it is not
 //! The kvpress scorers compress the prompt once (kvpress's protocol) unless decode-time
@@ -66,6 +72,7 @@ mod scissorhands;
 pub mod score;
 mod scorer;
 mod select;
+mod slots;
 mod streaming;
 
 pub use budget::{

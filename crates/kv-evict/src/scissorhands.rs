@@ -295,6 +295,48 @@ impl ImportanceHistory {
         (0..n).filter(|&j| !drop[j]).collect()
     }
 
+    /// [`ImportanceHistory::keep_after_evicting`] for a stream whose rows hold the tokens at
+    /// `positions` in any order (after in-place replacements): sinks, recent tokens and ties
+    /// are by position. Returns sorted rows.
+    pub fn keep_after_evicting_at(
+        &self,
+        s: usize,
+        count: usize,
+        n_sink: usize,
+        recent: usize,
+        positions: &[u32],
+    ) -> Vec<usize> {
+        let n = self.seen[s].len();
+        let (lo, hi) = (n_sink.min(n), n.saturating_sub(recent));
+        if count == 0 || lo >= hi {
+            return (0..n).collect();
+        }
+        let scores = self.scores(s);
+        crate::slots::keep_by_position(&scores, positions, |sc| {
+            let mut cand: Vec<usize> = (lo..hi).collect();
+            cand.sort_by(|&a, &b| sc[a].total_cmp(&sc[b]).then(a.cmp(&b)));
+            let mut drop = vec![false; n];
+            for &j in cand.iter().take(count) {
+                drop[j] = true;
+            }
+            (0..n).filter(|&j| !drop[j]).collect()
+        })
+    }
+
+    /// New tokens took the given rows of stream `s` (in place of evicted ones): no
+    /// observation yet.
+    pub fn replace(&mut self, s: usize, rows: &[usize]) {
+        let (w, words) = (self.window, self.words);
+        for &r in rows {
+            self.seen[s][r] = 0;
+            if self.threshold {
+                self.rings[s][r * words..(r + 1) * words].fill(0);
+            } else {
+                self.raw[s][r * w..(r + 1) * w].fill(0.0);
+            }
+        }
+    }
+
     /// Keeps the given rows of every stream (as [`RaggedCache::retain`] does with the tokens).
     pub fn retain(&mut self, keep: &[Vec<usize>]) {
         let (w, words) = (self.window, self.words);
@@ -397,6 +439,12 @@ impl ScissorhandsCache {
         &self.config
     }
 
+    /// The underlying ragged storage (per-sequence memory:
+    /// [`RaggedCache::sequence_memory`]).
+    pub fn storage(&self) -> &RaggedCache {
+        &self.inner
+    }
+
     /// The importance history of the held tokens.
     pub fn history(&self) -> &ImportanceHistory {
         &self.history
@@ -408,30 +456,35 @@ impl ScissorhandsCache {
         self.budgets.get(b).copied().flatten()
     }
 
-    /// Drops, in every stream of a sequence with a known budget, enough tokens for `incoming`
-    /// new ones (per sequence) to fit.
-    fn make_room(&mut self, incoming: &[usize]) -> Result<()> {
+    /// The rows every stream of a sequence with a known budget keeps for `incoming` new
+    /// tokens (per sequence) to fit.
+    fn keep_lists(&self, incoming: &[usize]) -> Vec<Vec<usize>> {
         let kvh = self.config.shape.kv_heads();
         let held = self.inner.lengths().held;
-        let keep: Vec<Vec<usize>> = (0..held.len())
+        (0..held.len())
             .map(|s| match self.budgets[s / kvh] {
                 Some(b) => {
                     let excess = (held[s] + incoming[s / kvh]).saturating_sub(b);
-                    self.history.keep_after_evicting(
+                    self.history.keep_after_evicting_at(
                         s,
                         excess,
                         self.config.n_sink,
                         self.config.recent,
+                        self.inner.positions(s / kvh, s % kvh),
                     )
                 }
                 None => (0..held[s]).collect(),
             })
-            .collect();
+            .collect()
+    }
+
+    fn retain(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        let held = self.inner.lengths().held;
         if keep.iter().zip(&held).all(|(k, &n)| k.len() == n) {
             return Ok(());
         }
-        self.inner.retain(&keep)?;
-        self.history.retain(&keep);
+        self.inner.retain(keep)?;
+        self.history.retain(keep);
         Ok(())
     }
 }
@@ -453,16 +506,21 @@ impl KvCache for ScissorhandsCache {
         kv_core::check_block(&s, &block, OP)?;
         let counts = kv_core::check_positions(block.positions(), s.batch(), &self.last_seen, OP)?;
         let newest = newest_positions(&block, s.batch());
-        self.make_room(&counts)?;
-        self.inner.append(block)?;
+        // Make room, writing the new tokens into the evicted rows where one goes per token.
+        let held = self.inner.lengths().held;
+        let keep = self.keep_lists(&counts);
+        let (keep, slots) = crate::slots::plan(&held, keep, &counts, s.kv_heads());
+        self.retain(&keep)?;
+        self.inner.append_into(block, &slots)?;
         for (seen, new) in self.last_seen.iter_mut().zip(newest) {
             if new.is_some() {
                 *seen = new;
             }
         }
-        for (b, &c) in counts.iter().enumerate() {
-            for h in 0..s.kv_heads() {
-                self.history.push(b * s.kv_heads() + h, c);
+        for (si, rows) in slots.iter().enumerate() {
+            match rows {
+                Some(rows) => self.history.replace(si, rows),
+                None => self.history.push(si, counts[si / s.kv_heads()]),
             }
         }
         Ok(())
@@ -522,7 +580,8 @@ impl KvCache for ScissorhandsCache {
             *slot = Some(bud);
         }
         self.budgets = budgets;
-        self.make_room(&vec![0; self.config.shape.batch()])
+        let keep = self.keep_lists(&vec![0; self.config.shape.batch()]);
+        self.retain(&keep)
     }
 
     fn view(&self) -> KvView {

@@ -22,6 +22,13 @@ pub struct StreamingConfig {
     /// Element type of the stored keys and values (default fp32).
     #[serde(default)]
     pub dtype: StorageDtype,
+    /// Budget as a compression ratio instead of `recent` (which must then be 0, as
+    /// [`StreamingConfig::with_ratio`] sets it): the fraction of the prompt removed, in
+    /// `[0, 1)`. At [`end_prefill`](KvCache::end_prefill) a sequence of `n` prompt tokens gets
+    /// `B = floor(n (1 - ratio))` tokens per KV head (kvpress's count): the `n_sink` sinks and
+    /// `B - n_sink` recent tokens. Nothing is evicted before `end_prefill`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
 }
 
 fn default_sink() -> usize {
@@ -36,26 +43,56 @@ impl StreamingConfig {
             n_sink,
             recent,
             dtype: StorageDtype::F32,
+            ratio: None,
         }
+    }
+
+    /// `n_sink` sinks and the rest of `floor(n (1 - ratio))` recent tokens for a prompt of `n`
+    /// (see [`StreamingConfig::ratio`]).
+    pub fn with_ratio(shape: KvShape, n_sink: usize, ratio: f64) -> Self {
+        let mut cfg = StreamingConfig::new(shape, n_sink, 0);
+        cfg.ratio = Some(ratio);
+        cfg
     }
 
     /// Validates and builds the cache.
     ///
     /// # Errors
-    /// [`KvError::InvalidConfig`] for `recent == 0`.
+    /// [`KvError::InvalidConfig`] for `recent == 0` without a ratio, a ratio outside `[0, 1)`
+    /// or a ratio together with a `recent` count.
     pub fn init(&self, device: &Device) -> Result<StreamingCache> {
-        if self.recent == 0 {
-            return Err(KvError::InvalidConfig {
-                field: "recent",
-                reason: "must keep at least 1 recent token".into(),
-            });
+        match self.ratio {
+            Some(r) => {
+                crate::budget::check_ratio(r)?;
+                if self.recent != 0 {
+                    return Err(KvError::InvalidConfig {
+                        field: "ratio",
+                        reason: "a ratio sets the budget; it cannot be combined with an explicit \
+                                 recent count"
+                            .into(),
+                    });
+                }
+            }
+            None if self.recent == 0 => {
+                return Err(KvError::InvalidConfig {
+                    field: "recent",
+                    reason: "must keep at least 1 recent token".into(),
+                });
+            }
+            None => {}
         }
         Ok(StreamingCache {
             config: self.clone(),
             inner: RaggedCacheConfig::new(self.shape)
                 .with_dtype(self.dtype)
                 .init(device)?,
+            recent: self.fixed_recent(),
         })
+    }
+
+    fn fixed_recent(&self) -> Vec<Option<usize>> {
+        let fixed = self.ratio.is_none().then_some(self.recent);
+        vec![fixed; self.shape.batch()]
     }
 }
 
@@ -72,6 +109,9 @@ impl StreamingConfig {
 pub struct StreamingCache {
     config: StreamingConfig,
     inner: RaggedCache,
+    /// Recent tokens kept per sequence, once known (from the start for a count, at
+    /// `end_prefill` for a ratio).
+    recent: Vec<Option<usize>>,
 }
 
 impl StreamingCache {
@@ -80,25 +120,46 @@ impl StreamingCache {
         &self.config
     }
 
-    /// Keeps, in every stream holding more than `n_sink + keep_recent` tokens, the sinks and
-    /// the last `keep_recent` tokens.
-    fn trim(&mut self, keep_recent: usize) -> Result<()> {
+    /// The underlying ragged storage.
+    pub fn storage(&self) -> &RaggedCache {
+        &self.inner
+    }
+
+    /// The recent tokens sequence `b` keeps, once known.
+    pub fn recent(&self, b: usize) -> Option<usize> {
+        self.recent.get(b).copied().flatten()
+    }
+
+    /// The rows every stream of a sequence with a known budget keeps for `incoming` new
+    /// tokens (per sequence): all of them up to `n_sink + recent - incoming`, else the sinks
+    /// and the newest `recent - incoming` (by position: rows are in position order until the
+    /// in-place path writes new tokens into evicted rows, which turns each stream into a ring).
+    fn keep_lists(&self, incoming: &[usize]) -> Vec<Vec<usize>> {
         let held = self.inner.lengths().held;
         let n_sink = self.config.n_sink;
-        if held.iter().all(|&n| n <= n_sink + keep_recent) {
-            return Ok(());
-        }
-        let keep: Vec<Vec<usize>> = held
-            .iter()
-            .map(|&n| {
-                if n <= n_sink + keep_recent {
-                    (0..n).collect()
-                } else {
-                    (0..n_sink).chain(n - keep_recent..n).collect()
+        let kvh = self.config.shape.kv_heads();
+        (0..held.len())
+            .map(|s| {
+                let n = held[s];
+                match self.recent[s / kvh].map(|r| r.saturating_sub(incoming[s / kvh])) {
+                    Some(r) if n > n_sink + r => {
+                        let pos = self.inner.positions(s / kvh, s % kvh);
+                        crate::slots::keep_by_position(pos, pos, |_| {
+                            (0..n_sink).chain(n - r..n).collect()
+                        })
+                    }
+                    _ => (0..n).collect(),
                 }
             })
-            .collect();
-        self.inner.retain(&keep)
+            .collect()
+    }
+
+    fn retain(&mut self, keep: &[Vec<usize>]) -> Result<()> {
+        let held = self.inner.lengths().held;
+        if keep.iter().zip(&held).all(|(k, &n)| k.len() == n) {
+            return Ok(());
+        }
+        self.inner.retain(keep)
     }
 }
 
@@ -114,17 +175,21 @@ impl KvCache for StreamingCache {
     fn append(&mut self, block: KvBlock) -> Result<()> {
         const OP: &str = "StreamingCache::append";
         // Validate everything the storage checks before evicting, so that a bad block leaves
-        // the cache unchanged. The newest token of a sequence is never evicted, so the last
-        // held position of its first head is the last position appended.
+        // the cache unchanged. The newest token of a sequence is never evicted before the
+        // block is validated, so the largest held position of its first head is the last
+        // position appended.
         let s = self.config.shape;
         kv_core::check_block(&s, &block, OP)?;
         let last: Vec<Option<u32>> = (0..s.batch())
-            .map(|b| self.inner.stream(b, 0).positions.last().copied())
+            .map(|b| self.inner.positions(b, 0).iter().copied().max())
             .collect();
         let counts = kv_core::check_positions(block.positions(), s.batch(), &last, OP)?;
-        let incoming = counts.into_iter().max().unwrap_or(0);
-        self.trim(self.config.recent.saturating_sub(incoming))?;
-        self.inner.append(block)
+        // Evict, writing the new tokens into the evicted rows where one goes per token.
+        let held = self.inner.lengths().held;
+        let keep = self.keep_lists(&counts);
+        let (keep, slots) = crate::slots::plan(&held, keep, &counts, s.kv_heads());
+        self.retain(&keep)?;
+        self.inner.append_into(block, &slots)
     }
 
     fn attend(&mut self, query: &Query, stats: StatsRequest) -> Result<Attended> {
@@ -132,7 +197,30 @@ impl KvCache for StreamingCache {
     }
 
     fn end_prefill(&mut self) -> Result<()> {
-        self.trim(self.config.recent)
+        if let Some(ratio) = self.config.ratio {
+            let logical = self.inner.lengths().logical;
+            let mut recent = self.recent.clone();
+            for (b, slot) in recent.iter_mut().enumerate() {
+                if slot.is_some() || logical[b] == 0 {
+                    continue;
+                }
+                let total = crate::budget::kept_for(logical[b], ratio);
+                if total <= self.config.n_sink {
+                    return Err(KvError::InvalidConfig {
+                        field: "ratio",
+                        reason: format!(
+                            "sequence {b}: ratio {ratio} keeps {total} of {} prompt tokens, \
+                             not more than the {} sinks",
+                            logical[b], self.config.n_sink
+                        ),
+                    });
+                }
+                *slot = Some(total - self.config.n_sink);
+            }
+            self.recent = recent;
+        }
+        let keep = self.keep_lists(&vec![0; self.config.shape.batch()]);
+        self.retain(&keep)
     }
 
     fn view(&self) -> KvView {
@@ -153,5 +241,6 @@ impl KvCache for StreamingCache {
 
     fn reset(&mut self) {
         self.inner.reset();
+        self.recent = self.config.fixed_recent();
     }
 }

@@ -234,7 +234,7 @@ fn methods_and_pipelines_build_and_name_bad_params() {
         ("h2o:recent=abc", "recent", "stages[0]"),
         ("h2o:heavy=0,recent=0", "recent", "stages[0]"),
         ("h2o:gqa=median", "gqa", "stages[0]"),
-        ("h2o:ratio=0.5", "ratio", "stages[0]"),
+        ("h2o:ratio=0.5,heavy=8", "heavy", "stages[0]"),
         ("adakv_snapkv:scorer=knorm", "scorer", "stages[0]"),
         ("snapkv|kivi:bits=9", "bits", "stages[1]"),
         ("headkv:artefact=/nonexistent", "artefact", "stages[0]"),

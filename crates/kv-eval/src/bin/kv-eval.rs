@@ -32,7 +32,7 @@ USAGE:
                   [--seed S] [--method ... | --pipeline ... | --config ...] [--json OUT]
   kv-eval sweep   [--model PATH] [--text PATH] [--start-at STR] [--prefill N] [--score N]
                   [--protocol a|windows|stream] [--methods all|NAME,NAME] [--ratios 0.5,0.75,0.9]
-                  --out DIR
+                  --out DIR [--resume] [--replot]
   kv-eval speed   [--model PATH] [--text PATH] [--contexts 1024,4096] [--decode N]
                   [--method ... | --pipeline ... | --config ...] [--json OUT]
   kv-eval prefix  [--model PATH] [--text PATH] [--start-at STR] [--sequences 4] [--prefix 2048]
@@ -53,7 +53,7 @@ struct Args {
     switches: Vec<String>,
 }
 
-const SWITCHES: [&str; 2] = ["bos", "replot"];
+const SWITCHES: [&str; 3] = ["bos", "replot", "resume"];
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Self> {
@@ -769,7 +769,7 @@ fn cmd_prefix(args: &Args) -> Result<()> {
 fn cmd_sweep(args: &Args) -> Result<()> {
     let mut known = COMMON.to_vec();
     known.extend([
-        "prefill", "score", "protocol", "methods", "ratios", "windows", "out", "replot",
+        "prefill", "score", "protocol", "methods", "ratios", "windows", "out", "replot", "resume",
     ]);
     args.check_known(&known)?;
     let out = PathBuf::from(
@@ -821,8 +821,49 @@ fn cmd_sweep(args: &Args) -> Result<()> {
             grid.push(p);
         }
     }
-    let (reports, _, _) = run_specs(args, grid, &start_at, protocol, prefill, score)?;
+    // The table, plot and JSON are rewritten after every run, so an interrupted sweep leaves
+    // its finished rows; `--resume` keeps the rows of DIR/sweep.json that are in the grid and
+    // runs the others.
+    let mut done: Vec<PplReport> = Vec::new();
+    if args.flag("resume") {
+        let path = out.join("sweep.json");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            done = serde_json::from_str(&text)
+                .map_err(|e| EvalError::Usage(format!("{}: {e}", path.display())))?;
+        }
+    }
+    let (loaded, mp, tp) = load(args)?;
+    let ids = token_ids(&loaded, &tp, Some(&start_at), false)?;
+    let total = grid.len();
+    let mut reports: Vec<PplReport> = Vec::with_capacity(total);
+    for (i, spec) in grid.into_iter().enumerate() {
+        let line = spec.to_line();
+        if let Some(at) = done.iter().position(|r| report_line(r) == line) {
+            eprintln!("[{}/{total}] {line} (kept from sweep.json)", i + 1);
+            reports.push(done.swap_remove(at));
+            continue;
+        }
+        eprintln!("[{}/{total}] {line}", i + 1);
+        let label = (
+            mp.display().to_string(),
+            tp.display().to_string(),
+            Some(start_at.clone()),
+            false,
+        );
+        let windows = args.usize("windows")?;
+        reports.push(run_ppl(
+            &loaded, &ids, spec, protocol, prefill, score, windows, label,
+        )?);
+        write_sweep(&out, &reports)?;
+    }
     write_sweep(&out, &reports)
+}
+
+/// The pipeline line of a sweep report (what `PipelineSpec::to_line` gives for its spec).
+fn report_line(r: &PplReport) -> String {
+    let mut p = PipelineSpec::new(r.stages.clone());
+    p.evicted = r.evicted.clone();
+    p.to_line()
 }
 
 /// Writes `DIR/sweep.{svg,png,md,json}` from sweep results (the first report is the full

@@ -27,7 +27,16 @@ fn query(s: KvShape, n: usize, start: u32, seed: u64) -> Query {
     Query::contiguous(q, start).expect("query")
 }
 
+/// The positions stream `s` holds, sorted.
 fn held_positions(c: &dyn KvCache, s: usize) -> Vec<u32> {
+    let mut p = rows_positions(c, s);
+    p.sort_unstable();
+    p
+}
+
+/// The positions of stream `s` in row order (the decode-time policies write new tokens into
+/// evicted rows, so rows are not in position order).
+fn rows_positions(c: &dyn KvCache, s: usize) -> Vec<u32> {
     let v = c.view();
     let w = v.positions.len() / c.shape().streams();
     v.positions[s * w..(s + 1) * w]

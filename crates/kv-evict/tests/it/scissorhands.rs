@@ -29,7 +29,16 @@ fn query(s: KvShape, n: usize, start: u32, seed: u64) -> Query {
     Query::contiguous(q, start).expect("query")
 }
 
+/// The positions stream `s` holds, sorted.
 fn held_positions(c: &dyn KvCache, s: usize) -> Vec<u32> {
+    let mut p = rows_positions(c, s);
+    p.sort_unstable();
+    p
+}
+
+/// The positions of stream `s` in row order (the decode-time policies write new tokens into
+/// evicted rows, so rows are not in position order).
+fn rows_positions(c: &dyn KvCache, s: usize) -> Vec<u32> {
     let v = c.view();
     let w = v.positions.len() / c.shape().streams();
     v.positions[s * w..(s + 1) * w]
@@ -37,6 +46,14 @@ fn held_positions(c: &dyn KvCache, s: usize) -> Vec<u32> {
         .copied()
         .filter(|&p| p != kv_core::PAD)
         .collect()
+}
+
+/// Per-row values of stream `s` reordered by position.
+fn by_position(c: &dyn KvCache, s: usize, values: &[f32]) -> Vec<f32> {
+    let pos = rows_positions(c, s);
+    let mut rows: Vec<usize> = (0..pos.len()).collect();
+    rows.sort_unstable_by_key(|&j| pos[j]);
+    rows.iter().map(|&j| values[j]).collect()
 }
 
 #[test]
@@ -198,7 +215,11 @@ fn cache_follows_cold_compress_rules_through_prefill_and_decode() {
             let want: Vec<u32> = m.obs[s].keys().copied().collect();
             assert_eq!(held_positions(c, s), want, "{when}, stream {s}");
             let sc: Vec<f32> = m.obs[s].values().map(|v| m.score(v)).collect();
-            assert_eq!(c.history().scores(s), sc, "{when}, stream {s}");
+            assert_eq!(
+                by_position(c, s, &c.history().scores(s)),
+                sc,
+                "{when}, stream {s}"
+            );
         }
     };
     // A prompt of 12 tokens in one pass: one observation each, then trimmed to the budget.
