@@ -107,8 +107,9 @@ fn too_short_texts_and_multi_stage_pipelines_are_errors() {
     assert!(build_caches(&two, 2, shape, model.rope().config(), model.device()).is_err());
 }
 
-/// The paper pipelines run end to end on the tiny model from config files (TOML and JSON) and
-/// from code, through both protocols, and store fewer bytes than the fp32 cache.
+/// The paper pipelines (MiniKV, MiKV, LeanKV, ThinK + KIVI) run end to end on the tiny model
+/// from config files (TOML and JSON) and from code, through both protocols, and store fewer
+/// bytes than the fp32 cache.
 #[test]
 fn paper_pipelines_run_from_configs_and_code() {
     let Some(model) = tiny() else { return };
@@ -126,6 +127,20 @@ fn paper_pipelines_run_from_configs_and_code() {
         r#"{"version": 1, "stages": [{"name": "mikv", "ratio": 0.75, "params": {"group": 16}}]}"#,
     )
     .expect("write json");
+    let think_toml = dir.join("think_kivi.toml");
+    std::fs::write(
+        &think_toml,
+        "version = 1\n[[stages]]\nname = \"think_kivi\"\nratio = 0.4\n[stages.params]\ngroup = 16\nresidual = 16\n",
+    )
+    .expect("write toml");
+    // ThinK + KIVI from code, as its two stages (fused into one pruning KIVI cache).
+    let think_from_code = PipelineSpec::new(vec![
+        MethodSpec::new("think").with_ratio(0.5).with("window", 8),
+        MethodSpec::new("kivi")
+            .with("bits", 2)
+            .with("group", 16)
+            .with("residual", 16),
+    ]);
     let from_code = PipelineSpec::new(vec![
         MethodSpec::new("snapkv").with_ratio(0.5).with("window", 8),
         MethodSpec::new("kivi")
@@ -137,6 +152,8 @@ fn paper_pipelines_run_from_configs_and_code() {
         PipelineSpec::from_path(&toml).expect("toml config"),
         PipelineSpec::from_path(&json).expect("json config"),
         PipelineSpec::parse_line("leankv:group=16,residual=16").expect("one line"),
+        PipelineSpec::from_path(&think_toml).expect("think_kivi config"),
+        think_from_code,
         from_code,
     ];
     let shape = model.kv_shape(1).expect("shape");
