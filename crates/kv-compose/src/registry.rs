@@ -982,75 +982,43 @@ fn build_rvq(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
     Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
 }
 
-/// One layer's Loki cache (kv-lowrank): `calibration=PATH` is a `kv-eval calibrate` artefact.
-fn build_loki(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::LokiConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
-        .map_err(&bad)?
-        .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+/// Builders of kv-lowrank caches for one layer from a calibration artefact: the config is
+/// `Config::from_params(shape, layer, [rope,] params)` for this layer, checked against the
+/// model's layer count, then `init(device)`; config errors become parameter errors of the
+/// stage. `calibration=PATH` names the artefact (`kv-eval calibrate`; LoRC's weight spectra
+/// come from `cargo run -p kv-lowrank --example lorc_weights`, CSKV needs format version 2).
+macro_rules! calibrated_builders {
+    (@cfg $config:path, $spec:ident, $cx:ident) => {
+        <$config>::from_params($cx.shape, $cx.layer, lowrank_params($spec))
+    };
+    (@cfg $config:path, $spec:ident, $cx:ident, rope) => {
+        <$config>::from_params($cx.shape, $cx.layer, $cx.rope.clone(), lowrank_params($spec))
+    };
+    ($($(#[$doc:meta])* $name:ident => $config:path $(, $rope:ident)?;)*) => {$(
+        $(#[$doc])*
+        fn $name(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
+            let bad = bad_param(spec);
+            let cfg = calibrated_builders!(@cfg $config, spec, cx $(, $rope)?)
+                .map_err(&bad)?
+                .with_num_layers(cx.num_layers);
+            Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+        }
+    )*};
 }
 
-/// One layer's Eigen Attention cache (kv-lowrank): `calibration=PATH` as for Loki.
-fn build_eigen(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::EigenConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
-        .map_err(&bad)?
-        .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's Palu cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` as for Loki.
-fn build_palu(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::PaluConfig::from_params(
-        cx.shape,
-        cx.layer,
-        cx.rope.clone(),
-        lowrank_params(spec),
-    )
-    .map_err(&bad)?
-    .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's LoRC cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` is the weight
-/// spectra artefact of `cargo run -p kv-lowrank --example lorc_weights`.
-fn build_lorc(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::LorcConfig::from_params(
-        cx.shape,
-        cx.layer,
-        cx.rope.clone(),
-        lowrank_params(spec),
-    )
-    .map_err(&bad)?
-    .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's MatryoshkaKV cache (kv-lowrank): `calibration=PATH` as for Loki.
-fn build_matryoshka(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::MatryoshkaConfig::from_params(cx.shape, cx.layer, lowrank_params(spec))
-        .map_err(&bad)?
-        .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
-}
-
-/// One layer's CSKV cache (kv-lowrank, pre-RoPE keys): `calibration=PATH` as for Loki (an
-/// artefact of format version 2, with the joint bases).
-fn build_cskv(spec: &MethodSpec, cx: &LayerContext) -> Result<Box<dyn KvCache>> {
-    let bad = bad_param(spec);
-    let cfg = kv_lowrank::CskvConfig::from_params(
-        cx.shape,
-        cx.layer,
-        cx.rope.clone(),
-        lowrank_params(spec),
-    )
-    .map_err(&bad)?
-    .with_num_layers(cx.num_layers);
-    Ok(Box::new(cfg.init(&cx.device).map_err(&bad)?))
+calibrated_builders! {
+    /// Loki (kv-lowrank).
+    build_loki => kv_lowrank::LokiConfig;
+    /// Eigen Attention (kv-lowrank).
+    build_eigen => kv_lowrank::EigenConfig;
+    /// Palu (kv-lowrank, pre-RoPE keys rotated when attending).
+    build_palu => kv_lowrank::PaluConfig, rope;
+    /// LoRC (kv-lowrank, pre-RoPE keys; weight spectra artefact).
+    build_lorc => kv_lowrank::LorcConfig, rope;
+    /// MatryoshkaKV (kv-lowrank).
+    build_matryoshka => kv_lowrank::MatryoshkaConfig;
+    /// CSKV (kv-lowrank, pre-RoPE keys; artefact format version 2).
+    build_cskv => kv_lowrank::CskvConfig, rope;
 }
 
 /// One layer's DMC cache (kv-dmc); parameters map to [`kv_dmc::DmcConfig`], and
