@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query};
 use crate::calibration::{Activation, Calibration};
-use crate::slots::{LatentParts, Slots, cat_tokens, float_dtype};
+use crate::slots::{LatentParts, Slots, cat_tokens, empty_view, float_dtype};
 
 /// Configuration of a [`CskvCache`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,12 +425,7 @@ impl KvCache for CskvCache {
         let (keys, values): (Vec<_>, Vec<_>) =
             self.branches().into_iter().map(|(k, v, _)| (k, v)).unzip();
         if keys.is_empty() {
-            let z = Tensor::zeros([b, h, 0, d], &self.device);
-            return KvView {
-                keys: z.clone(),
-                values: z,
-                positions,
-            };
+            return empty_view([b, h, d], positions, &self.device);
         }
         KvView {
             keys: Tensor::cat(keys, 2),

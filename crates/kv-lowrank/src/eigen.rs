@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query, project, project_grouped, transpose_heads};
 use crate::calibration::{Activation, Calibration};
-use crate::slots::{LatentParts, Slots, cat_tokens, float_dtype};
+use crate::slots::{LatentParts, Slots, cat_tokens, empty_view, float_dtype};
 
 /// Configuration of an [`EigenCache`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -295,14 +295,7 @@ impl KvCache for EigenCache {
                 values: project(v.clone().cast(FloatDType::F32), &transpose_heads(&self.pv)),
                 positions,
             },
-            _ => {
-                let z = Tensor::zeros([b, h, 0, d], &self.device);
-                KvView {
-                    keys: z.clone(),
-                    values: z,
-                    positions,
-                }
-            }
+            _ => empty_view([b, h, d], positions, &self.device),
         }
     }
 

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query, project, project_grouped, transpose_heads};
 use crate::calibration::{Activation, Calibration};
-use crate::slots::{Slots, bytes, cat_tokens, float_dtype, held_tensor};
+use crate::slots::{Slots, bytes, cat_tokens, empty_view, float_dtype, held_tensor};
 
 /// How many keys Loki selects per query.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -381,14 +381,7 @@ impl KvCache for LokiCache {
                 values: v.clone().cast(FloatDType::F32),
                 positions,
             },
-            _ => {
-                let z = Tensor::zeros([b, h, 0, d], &self.device);
-                KvView {
-                    keys: z.clone(),
-                    values: z,
-                    positions,
-                }
-            }
+            _ => empty_view([b, h, d], positions, &self.device),
         }
     }
 

@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query, project, project_grouped, transpose_heads};
 use crate::calibration::{Activation, Calibration};
-use crate::slots::{LatentParts, Slots, cat_tokens, float_dtype};
+use crate::slots::{LatentParts, Slots, cat_tokens, empty_view, float_dtype};
 
 /// How the per-head ranks of a [`MatryoshkaConfig`] are chosen from its average ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -519,12 +519,7 @@ impl KvCache for MatryoshkaCache {
         let (b, h, d) = (s.batch(), s.kv_heads(), s.head_dim());
         let positions = positions_per_head(self.slots.per_sequence(), h);
         if self.slots.len() == 0 {
-            let z = Tensor::zeros([b, h, 0, d], &self.device);
-            return KvView {
-                keys: z.clone(),
-                values: z,
-                positions,
-            };
+            return empty_view([b, h, d], positions, &self.device);
         }
         let rebuild = |held: &[Option<Tensor<4>>], bases: &[Tensor<3>]| -> Tensor<4> {
             let per_head = held

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query, project, project_grouped, transpose_heads};
 use crate::calibration::{Activation, Calibration};
-use crate::slots::{LatentParts, Slots, cat_tokens, float_dtype};
+use crate::slots::{LatentParts, Slots, cat_tokens, empty_view, float_dtype};
 use kv_quant::{BitWidth, GroupAxis, QuantSpec, QuantizedTensor};
 
 /// Configuration of a [`PaluCache`].
@@ -512,14 +512,7 @@ impl KvCache for PaluCache {
                 values: project(v, &transpose_heads(&self.pv)),
                 positions,
             },
-            None => {
-                let z = Tensor::zeros([b, h, 0, d], &self.device);
-                KvView {
-                    keys: z.clone(),
-                    values: z,
-                    positions,
-                }
-            }
+            None => empty_view([b, h, d], positions, &self.device),
         }
     }
 

@@ -4,7 +4,7 @@
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use kv_core::{
-    HeldBuffer, KvBlock, KvShape, Lengths, MemoryReport, PAD, StorageDtype, StorageRole,
+    HeldBuffer, KvBlock, KvShape, KvView, Lengths, MemoryReport, PAD, StorageDtype, StorageRole,
     check_block, check_positions,
 };
 
@@ -194,5 +194,15 @@ impl LatentParts<'_> {
         out.extend(self.extra.iter().cloned());
         self.slots.held(&mut out);
         out
+    }
+}
+
+/// The view of a cache that holds nothing: zero-length keys and values `[b, h, 0, d]`.
+pub(crate) fn empty_view([b, h, d]: [usize; 3], positions: Vec<u32>, device: &Device) -> KvView {
+    let z = Tensor::zeros([b, h, 0, d], device);
+    KvView {
+        keys: z.clone(),
+        values: z,
+        positions,
     }
 }

@@ -36,7 +36,7 @@ use kv_core::{
 use serde::{Deserialize, Serialize};
 
 use crate::attend::{Part, attend_parts, group_query};
-use crate::slots::{Slots, bytes, cat_tokens, float_dtype, held_tensor};
+use crate::slots::{Slots, bytes, cat_tokens, empty_view, float_dtype, held_tensor};
 
 /// Configuration of a [`ThinkCache`]. The reference defaults: `λ = 0.4`, `recent_size = 32`,
 /// a query window of 32 tokens.
@@ -390,12 +390,7 @@ impl KvCache for ThinkCache {
         let positions = positions_per_head(self.slots.per_sequence(), h);
         let t = self.slots.len();
         if t == 0 {
-            let z = Tensor::zeros([b, h, 0, d], &self.device);
-            return KvView {
-                keys: z.clone(),
-                values: z,
-                positions,
-            };
+            return empty_view([b, h, d], positions, &self.device);
         }
         let mut keys = Vec::new();
         if let Some(p) = &self.pruned {
