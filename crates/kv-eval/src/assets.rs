@@ -40,13 +40,26 @@ pub struct LoadedModel {
 /// # Errors
 /// I/O or format errors; an HF folder without a tokenizer source.
 pub fn load_model(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Result<LoadedModel> {
+    let (weights, tokenizer) = load_weights(path, tokenizer)?;
+    Ok(LoadedModel {
+        model: Llama::new(&weights, device)?,
+        tokenizer,
+    })
+}
+
+/// The host weights and tokenizer that [`load_model`] uploads (for models other than
+/// [`Llama`], such as the differentiable [`kv_model::GradLlama`]).
+///
+/// # Errors
+/// As [`load_model`].
+pub fn load_weights(path: &Path, tokenizer: Option<&Path>) -> Result<(HostWeights, Tokenizer)> {
     if !path.exists() {
         return Err(EvalError::Usage(format!(
             "model `{}` does not exist; run `cargo xtask setup` for the real model or pass --model",
             path.display()
         )));
     }
-    let (weights, tok) = if path.is_dir() {
+    Ok(if path.is_dir() {
         let tok_path = tokenizer.ok_or_else(|| {
             EvalError::Usage(
                 "an HF model folder needs --tokenizer FILE.gguf (a GGUF holding the BPE)".into(),
@@ -63,10 +76,6 @@ pub fn load_model(path: &Path, tokenizer: Option<&Path>, device: &Device) -> Res
             None => Tokenizer::from_gguf(&file)?,
         };
         (HostWeights::from_gguf(&file)?, tok)
-    };
-    Ok(LoadedModel {
-        model: Llama::new(&weights, device)?,
-        tokenizer: tok,
     })
 }
 

@@ -2,7 +2,8 @@
 //! captures every layer's keys (after and before RoPE), queries and values, and writes the
 //! PCA artefact that the low-rank caches of `kv-lowrank` load (Loki, Eigen Attention), and
 //! with `--kvquant FILE` the per-layer KVQuant calibration (thresholds and non-uniform
-//! codebooks from the pre-RoPE keys and the values) that `kvquant:calibration=FILE` loads,
+//! codebooks from the pre-RoPE keys and the values, Fisher-weighted with `--kvquant-fisher`)
+//! that `kvquant:calibration=FILE` loads,
 //! and with `--rvq FILE` the residual-VQ codebooks of `kv-pq` (from the post-RoPE keys and the
 //! values, as the cache receives them) that `rvq:calibration=FILE` loads.
 //!
@@ -31,13 +32,17 @@ kv-eval calibrate: PCA bases of keys, queries and values for kv-lowrank (Loki, E
 USAGE:
   kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--start-at STR]
                     [--tokens N] [--window N] [--tokenizer GGUF]
-                    [--kvquant FILE [--kvquant-bits B] [--kvquant-sinks N]]
+                    [--kvquant FILE [--kvquant-bits B] [--kvquant-sinks N] [--kvquant-fisher L]]
                     [--rvq FILE [--rvq-sub-dim D] [--rvq-entries C] [--rvq-stages S]]
 
 Defaults: the SmolLM2 GGUF of the asset folder, the text of Emma (calibration and evaluation
 texts must differ: evaluation uses Pride and Prejudice), 8192 tokens in windows of 2048.
 --kvquant also writes KVQuant's calibration (JSON, one entry per layer) for B-bit codebooks
 (default 4), sparsity threshold 0.99 (1% outliers) and N fp16 sink tokens (default 0).
+--kvquant-fisher L weights its k-means by Fisher information (KVQuant's --fisher): the squared
+gradients of the loss with respect to every pre-RoPE key and value, from one forward and
+backward pass (Burn autodiff) per window of L tokens of the same calibration tokens (512 is a
+few seconds per window for the 135M model); the activations then come from those windows.
 --rvq also writes residual-VQ codebooks (JSON) per layer and KV head for keys and values:
 groups of D channels (default 8), C entries per codebook (default 256), S stages (default 4),
 k-means of 20 iterations on at most 16384 groups per KV head.";
@@ -124,6 +129,7 @@ struct Options {
     kvquant: Option<PathBuf>,
     kvquant_bits: u32,
     kvquant_sinks: usize,
+    kvquant_fisher: Option<usize>,
     rvq: Option<PathBuf>,
     rvq_sub_dim: usize,
     rvq_entries: usize,
@@ -142,6 +148,7 @@ fn parse(raw: &[String]) -> Result<Options> {
         kvquant: None,
         kvquant_bits: 4,
         kvquant_sinks: 0,
+        kvquant_fisher: None,
         rvq: None,
         rvq_sub_dim: 8,
         rvq_entries: 256,
@@ -168,6 +175,19 @@ fn parse(raw: &[String]) -> Result<Options> {
             "--window" => o.window = count(value)?,
             "--kvquant" => o.kvquant = Some(PathBuf::from(value)),
             "--rvq" => o.rvq = Some(PathBuf::from(value)),
+            "--kvquant-fisher" => {
+                o.kvquant_fisher = Some(
+                    value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&n| n >= 2)
+                        .ok_or_else(|| {
+                            EvalError::Usage(format!(
+                                "--kvquant-fisher `{value}` is not a window of at least 2 tokens"
+                            ))
+                        })?,
+                );
+            }
             "--rvq-sub-dim" => o.rvq_sub_dim = count(value)?,
             "--rvq-entries" => o.rvq_entries = count(value)?,
             "--rvq-stages" => o.rvq_stages = count(value)?,
@@ -200,6 +220,11 @@ fn parse(raw: &[String]) -> Result<Options> {
             "Pride and Prejudice is the evaluation text: calibrate on another book (Emma)".into(),
         ));
     }
+    if o.kvquant_fisher.is_some() && o.kvquant.is_none() {
+        return Err(EvalError::Usage(
+            "--kvquant-fisher weights KVQuant's calibration: add --kvquant FILE".into(),
+        ));
+    }
     Ok(o)
 }
 
@@ -215,7 +240,13 @@ pub fn run(raw: &[String]) -> Result<()> {
     let o = parse(raw)?;
     let device = kv_testkit::test_device();
     let t0 = Instant::now();
-    let loaded = assets::load_model(&o.model, o.tokenizer.as_deref(), &device)?;
+    let (weights, tokenizer) = assets::load_weights(&o.model, o.tokenizer.as_deref())?;
+    let loaded = assets::LoadedModel {
+        model: kv_model::Llama::new(&weights, &device)?,
+        tokenizer,
+    };
+    // The host weights are only needed again for KVQuant's Fisher pass.
+    let weights = o.kvquant_fisher.is_some().then_some(weights);
     let text = assets::read_text(&o.text, o.start_at.as_deref())?;
     // BPE cost is linear in the text: tokenize a generous prefix only.
     let cut = text
@@ -252,7 +283,8 @@ pub fn run(raw: &[String]) -> Result<()> {
                     layer,
                     rope: model.rope().clone(),
                     acc: acc.clone(),
-                    keep: (o.kvquant.is_some() && whole).then(|| kept[layer].clone()),
+                    keep: (o.kvquant.is_some() && o.kvquant_fisher.is_none() && whole)
+                        .then(|| kept[layer].clone()),
                     keep_post: (o.rvq.is_some() && whole).then(|| kept_post[layer].clone()),
                 }) as Box<dyn KvCache>)
             })
@@ -286,7 +318,19 @@ pub fn run(raw: &[String]) -> Result<()> {
     }
     cal.save(&o.out)?;
     if let Some(path) = &o.kvquant {
-        write_kvquant(path, &kept, &o)?;
+        let windows = match (&weights, o.kvquant_fisher) {
+            (Some(w), Some(len)) => fisher_windows(w, &ids[..o.tokens], len, &device)?,
+            _ => kept
+                .iter()
+                .map(|w| {
+                    std::mem::take(&mut *w.lock().unwrap_or_else(PoisonError::into_inner))
+                        .into_iter()
+                        .map(|(k, v)| (k, v, None))
+                        .collect()
+                })
+                .collect(),
+        };
+        write_kvquant(path, windows, &o)?;
     }
     if let Some(path) = &o.rvq {
         write_rvq(path, &kept_post, &o, &name(&o.model), &name(&o.text))?;
@@ -331,24 +375,93 @@ pub fn run(raw: &[String]) -> Result<()> {
 
 /// Calibrates KVQuant per layer from the captured windows (each window one sequence) and
 /// writes the JSON array `kvquant:calibration=FILE` reads.
-fn write_kvquant(path: &Path, kept: &[Windows], o: &Options) -> Result<()> {
+/// One window of a layer for KVQuant: pre-RoPE keys, values, and optionally the Fisher
+/// weights (squared gradients) of both, each `[1, kv_heads, tokens, head_dim]`.
+type KvQuantWindow = (Tensor<4>, Tensor<4>, Option<(Tensor<4>, Tensor<4>)>);
+
+/// KVQuant's Fisher pass: per layer, the pre-RoPE keys and values of every whole window of
+/// `len` tokens and the squared gradients of the mean next-token loss with respect to them
+/// (zero probes added to the activations in [`kv_model::GradLlama::loss`]).
+fn fisher_windows(
+    weights: &kv_model::HostWeights,
+    ids: &[u32],
+    len: usize,
+    device: &Device,
+) -> Result<Vec<Vec<KvQuantWindow>>> {
     let t0 = Instant::now();
-    let mut layers = Vec::with_capacity(kept.len());
-    for (layer, windows) in kept.iter().enumerate() {
-        let windows = std::mem::take(&mut *windows.lock().unwrap_or_else(PoisonError::into_inner));
+    let model = kv_model::GradLlama::new(weights, device)?;
+    let layers = model.config().num_hidden_layers;
+    let mut out: Vec<Vec<KvQuantWindow>> = (0..layers).map(|_| Vec::new()).collect();
+    let plain = |t: &Tensor<4>| Tensor::<4>::from_data(t.to_data(), device);
+    let upload = |h: &kv_model::HostTensor, square: bool| {
+        let data: Vec<f32> = if square {
+            h.data.iter().map(|g| g * g).collect()
+        } else {
+            h.data.clone()
+        };
+        let s = &h.shape;
+        Tensor::<4>::from_data(TensorData::new(data, [s[0], s[1], s[2], s[3]]), device)
+    };
+    let whole: Vec<&[u32]> = ids.chunks(len).filter(|c| c.len() == len).collect();
+    if whole.is_empty() {
+        return Err(EvalError::Usage(format!(
+            "--kvquant-fisher {len} leaves no whole window in {} tokens",
+            ids.len()
+        )));
+    }
+    for (w, chunk) in whole.iter().enumerate() {
+        let probes = model.kv_probes(1, len);
+        let mut acts: Vec<(Tensor<4>, Tensor<4>)> = Vec::with_capacity(layers);
+        let loss = model.loss(chunk, 1, Some(&probes), &mut |a| {
+            acts.push((plain(&a.keys_pre_rope), plain(&a.values)));
+            kv_model::grad::causal_attention(a.queries, a.keys, a.values)
+        })?;
+        let grads = probes.grads(&loss.backward())?;
+        for (layer, ((k, v), g)) in acts.into_iter().zip(grads).enumerate() {
+            let fisher = (upload(&g.keys, true), upload(&g.values, true));
+            out[layer].push((k, v, Some(fisher)));
+        }
+        eprintln!(
+            "fisher window {}/{}: {len} tokens ({:.1}s)",
+            w + 1,
+            whole.len(),
+            t0.elapsed().as_secs_f64()
+        );
+    }
+    Ok(out)
+}
+
+fn write_kvquant(path: &Path, windows: Vec<Vec<KvQuantWindow>>, o: &Options) -> Result<()> {
+    let t0 = Instant::now();
+    let mut layers = Vec::with_capacity(windows.len());
+    for (layer, windows) in windows.into_iter().enumerate() {
         if windows.is_empty() {
             return Err(EvalError::Usage(format!(
                 "--kvquant needs at least one whole window of {} tokens",
-                o.window
+                o.kvquant_fisher.unwrap_or(o.window)
             )));
         }
-        let (ks, vs): (Vec<_>, Vec<_>) = windows.into_iter().unzip();
+        let weighted = windows.iter().all(|w| w.2.is_some());
+        let (mut ks, mut vs, mut fks, mut fvs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (k, v, f) in windows {
+            ks.push(k);
+            vs.push(v);
+            if let Some((fk, fv)) = f {
+                fks.push(fk);
+                fvs.push(fv);
+            }
+        }
         let (k, v) = (Tensor::cat(ks, 0), Tensor::cat(vs, 0));
-        let cal =
-            kv_quant::KvQuantCalibration::calibrate(&k, &v, o.kvquant_bits, 0.99, o.kvquant_sinks)
-                .map_err(|e| {
-                    EvalError::Usage(format!("KVQuant calibration of layer {layer}: {e}"))
-                })?;
+        let fisher = weighted.then(|| (Tensor::cat(fks, 0), Tensor::cat(fvs, 0)));
+        let cal = kv_quant::KvQuantCalibration::calibrate_weighted(
+            &k,
+            &v,
+            fisher.as_ref().map(|(a, b)| (a, b)),
+            o.kvquant_bits,
+            0.99,
+            o.kvquant_sinks,
+        )
+        .map_err(|e| EvalError::Usage(format!("KVQuant calibration of layer {layer}: {e}")))?;
         layers.push(cal);
     }
     let json = serde_json::to_string(&layers).map_err(|e| EvalError::Usage(e.to_string()))?;
@@ -357,10 +470,15 @@ fn write_kvquant(path: &Path, kept: &[Windows], o: &Options) -> Result<()> {
         source: e,
     })?;
     eprintln!(
-        "wrote {}: KVQuant {}-bit calibration of {} layers ({:.1}s)",
+        "wrote {}: KVQuant {}-bit calibration of {} layers{} ({:.1}s)",
         path.display(),
         o.kvquant_bits,
         layers.len(),
+        if o.kvquant_fisher.is_some() {
+            ", Fisher-weighted"
+        } else {
+            ""
+        },
         t0.elapsed().as_secs_f64()
     );
     Ok(())
@@ -426,4 +544,37 @@ fn write_rvq(path: &Path, kept: &[Windows], o: &Options, model: &str, source: &s
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn kvquant_fisher_needs_kvquant_and_a_window() {
+        let o = parse(&args(&[
+            "--out",
+            "p",
+            "--kvquant",
+            "k.json",
+            "--kvquant-fisher",
+            "512",
+        ]))
+        .expect("parse");
+        assert_eq!(o.kvquant_fisher, Some(512));
+        for bad in [
+            &["--out", "p", "--kvquant-fisher", "512"][..],
+            &["--out", "p", "--kvquant", "k.json", "--kvquant-fisher", "1"],
+            &["--out", "p", "--kvquant", "k.json", "--kvquant-fisher", "x"],
+        ] {
+            assert!(
+                matches!(parse(&args(bad)), Err(EvalError::Usage(_))),
+                "{bad:?} should be a usage error"
+            );
+        }
+    }
 }

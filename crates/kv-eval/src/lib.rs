@@ -10,6 +10,7 @@ pub mod assets;
 pub mod calibrate;
 mod error;
 pub mod fidelity;
+pub mod fisher;
 pub mod kept;
 pub mod method;
 pub mod needle;

@@ -18,7 +18,9 @@
 //! - [`loki`]: [`LokiCache`], keys in a PCA basis, top-k selection from the first `r` dims.
 //! - [`eigen`]: [`EigenCache`], keys and values stored as rank-`r` projections.
 //! - [`palu`]: [`PaluCache`], pre-RoPE key latents and value latents (Palu's decomposition
-//!   from calibration, without weight rewriting), keys rotated when attending.
+//!   from calibration, without weight rewriting), keys rotated when attending;
+//!   [`palu_ranks`]: [`PaluFisher`], Palu's Fisher-information rank allocation over layers
+//!   (the gradients come from `kv-eval fisher`).
 //! - [`lorc`]: [`LorcCache`], pre-RoPE key and value latents on the right singular vectors
 //!   of the projection weights (data free), with LoRC's progressive layer-wise ranks.
 //! - [`matryoshka`]: [`MatryoshkaCache`], keys and values on nested truncations of one PCA
@@ -62,6 +64,7 @@ pub mod loki;
 pub mod lorc;
 pub mod matryoshka;
 pub mod palu;
+pub mod palu_ranks;
 mod params;
 mod slots;
 pub mod think;
@@ -76,6 +79,7 @@ pub use loki::{LokiCache, LokiConfig, LokiSelection, TopK};
 pub use lorc::{LorcCache, LorcConfig};
 pub use matryoshka::{MatryoshkaCache, MatryoshkaConfig, RankAllocation};
 pub use palu::{PaluCache, PaluConfig};
+pub use palu_ranks::{LayerRanks, PALU_FISHER_FORMAT, PALU_RANK_BLOCK, PaluAllocation, PaluFisher};
 pub use think::{ThinkCache, ThinkConfig};
 
 /// The error for a method built without its calibration artefact.

@@ -271,6 +271,7 @@ impl LorcConfig {
             latent_bits: None,
             latent_group: 0,
             hadamard: false,
+            fisher_layers: None,
         };
         let rope = palu.validate()?;
         let pk = calibration.basis(Activation::KeyWeights, self.layer, s, rank_k, device)?;

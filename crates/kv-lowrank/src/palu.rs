@@ -28,8 +28,9 @@
 //!
 //! # Deviations
 //! Per-KV-head decomposition only (Palu's M-LRD; the default G-LRD shares one latent across a
-//! group of heads, which needs cross-head calibration statistics); fixed ranks instead of the
-//! Fisher-information rank search. Quantized latents are dequantized for attention (the
+//! group of heads, which needs cross-head calibration statistics). Ranks are fixed per run,
+//! or allocated over layers by Palu's Fisher-information rank search ([`crate::palu_ranks`],
+//! `fisher=FILE`). Quantized latents are dequantized for attention (the
 //! reference fuses the dequantization into its reconstruction kernel).
 
 use std::path::PathBuf;
@@ -83,6 +84,11 @@ pub struct PaluConfig {
     /// before quantization and is exact without it. Needs power-of-two ranks.
     #[serde(default = "default_hadamard")]
     pub hadamard: bool,
+    /// The layer count of the Fisher artefact the ranks were allocated from
+    /// ([`PaluFisher::allocate`](crate::PaluFisher::allocate)), checked against
+    /// [`num_layers`](Self::num_layers) at init.
+    #[serde(default)]
+    pub fisher_layers: Option<usize>,
 }
 
 fn default_hadamard() -> bool {
@@ -111,6 +117,7 @@ impl PaluConfig {
             latent_bits: None,
             latent_group: 0,
             hadamard: true,
+            fisher_layers: None,
         }
     }
     /// Quantizes the latents to `bits` per element (Palu's `--lt_bits`) in groups of `group`
@@ -142,11 +149,18 @@ impl PaluConfig {
         "bits",
         "group",
         "hadamard",
+        "fisher",
+        "rank_ratio",
+        "block",
     ];
 
     /// The config for `layer` from `key=value` parameters: `calibration` (path, required),
     /// `rank` (both ranks), `rank_k`, `rank_v` (default `head_dim / 2` each: Palu's ~50% KV
-    /// compression), `dtype`. Validated at [`init`](Self::init).
+    /// compression), `dtype`; or Palu's rank search: `fisher` (a [`PaluFisher`](crate::PaluFisher)
+    /// artefact from `kv-eval fisher`), `rank_ratio` (kept fraction of the full rank, default 0.5,
+    /// Palu's `--param_ratio_target`) and `block` (rank rounding, default
+    /// [`PALU_RANK_BLOCK`](crate::PALU_RANK_BLOCK) or `head_dim` if smaller), which set this layer's `rank_k` and
+    /// `rank_v` and exclude `rank`, `rank_k` and `rank_v`. Validated at [`init`](Self::init).
     ///
     /// # Errors
     /// [`KvError::InvalidConfig`](kv_core::KvError::InvalidConfig) for an unknown name, a bad
@@ -157,12 +171,17 @@ impl PaluConfig {
         rope: RopeConfig,
         params: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> kv_core::Result<Self> {
-        use crate::params::{dtype, int, path, unknown};
+        use crate::params::{dtype, float, int, path, unknown};
         let half = (shape.head_dim() / 2).max(1);
         let mut cfg = PaluConfig::new(shape, PathBuf::new(), layer, half, half, rope);
+        let (mut fisher, mut ratio, mut block, mut explicit) = (None, None, None, false);
         for (k, v) in params {
+            explicit |= matches!(k, "rank" | "rank_k" | "rank_v");
             match k {
                 "calibration" => cfg.calibration = path(v),
+                "fisher" => fisher = Some(path(v)),
+                "rank_ratio" => ratio = Some(float("rank_ratio", v)?),
+                "block" => block = Some(int("block", v)?),
                 "rank" => {
                     cfg.rank_k = int("rank", v)?;
                     cfg.rank_v = cfg.rank_k;
@@ -183,6 +202,42 @@ impl PaluConfig {
         if cfg.calibration.as_os_str().is_empty() {
             return Err(crate::missing_calibration("Palu"));
         }
+        match fisher {
+            Some(file) => {
+                if explicit {
+                    return Err(kv_core::KvError::InvalidConfig {
+                        field: "fisher",
+                        reason: "fisher allocates the ranks: drop rank, rank_k and rank_v".into(),
+                    });
+                }
+                let f = crate::PaluFisher::load(&file)?;
+                f.check_shape(shape)?;
+                let alloc = f.allocate(
+                    ratio.unwrap_or(0.5),
+                    block.unwrap_or(crate::PALU_RANK_BLOCK.min(shape.head_dim())),
+                )?;
+                let r = alloc
+                    .layers
+                    .get(layer)
+                    .ok_or_else(|| kv_core::KvError::InvalidConfig {
+                        field: "fisher",
+                        reason: format!(
+                            "layer {layer} is outside the artefact's {} layers",
+                            f.num_layers
+                        ),
+                    })?;
+                cfg.rank_k = r.rank_k;
+                cfg.rank_v = r.rank_v;
+                cfg.fisher_layers = Some(f.num_layers);
+            }
+            None if ratio.is_some() || block.is_some() => {
+                return Err(kv_core::KvError::InvalidConfig {
+                    field: "rank_ratio",
+                    reason: "rank_ratio and block need fisher=FILE (Palu's rank search)".into(),
+                });
+            }
+            None => {}
+        }
         Ok(cfg)
     }
 
@@ -190,6 +245,14 @@ impl PaluConfig {
         let d = self.shape.head_dim();
         crate::params::check_rank("rank_k", self.rank_k, d)?;
         crate::params::check_rank("rank_v", self.rank_v, d)?;
+        if let (Some(f), Some(n)) = (self.fisher_layers, self.num_layers)
+            && f != n
+        {
+            return Err(kv_core::KvError::InvalidConfig {
+                field: "fisher",
+                reason: format!("the Fisher artefact is for {f} layers, the model has {n}"),
+            });
+        }
         if self.rope.head_dim != d {
             return Err(kv_core::KvError::InvalidConfig {
                 field: "rope",

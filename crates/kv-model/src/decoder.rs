@@ -51,12 +51,16 @@ impl core::fmt::Debug for Llama {
     }
 }
 
-fn upload<const D: usize>(t: &HostTensor, shape: [usize; D], device: &Device) -> Tensor<D> {
+pub(crate) fn upload<const D: usize>(
+    t: &HostTensor,
+    shape: [usize; D],
+    device: &Device,
+) -> Tensor<D> {
     Tensor::from_data(TensorData::new(t.data.clone(), shape), device)
 }
 
 /// `[out, in]` host matrices side by side, transposed to one `[in, Σ out]` device matrix.
-fn upload_t(parts: &[&HostTensor], device: &Device) -> Tensor<2> {
+pub(crate) fn upload_t(parts: &[&HostTensor], device: &Device) -> Tensor<2> {
     let cols = parts[0].shape[1];
     let rows: usize = parts.iter().map(|p| p.shape[0]).sum();
     let mut data = vec![0f32; rows * cols];
@@ -73,7 +77,7 @@ fn upload_t(parts: &[&HostTensor], device: &Device) -> Tensor<2> {
     Tensor::from_data(TensorData::new(data, [cols, rows]), device)
 }
 
-fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
+pub(crate) fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) -> Tensor<D> {
     let d = x.dims()[D - 1];
     let var = x.clone().powi_scalar(2).mean_dim(D - 1);
     let x = x * (var + eps).sqrt().recip();

@@ -11,12 +11,16 @@
 //! - [`config`]: [`LlamaConfig`] from a Hugging Face `config.json` or from GGUF metadata;
 //! - [`tokenizer`]: the GPT-2-style byte-level BPE stored in a GGUF file.
 //!
+//! [`grad`] holds the same decoder on an autodiff device ([`GradLlama`]) for calibration that
+//! needs gradients of the language-model loss (Fisher information, trained decision heads).
+//!
 //! All of them return [`HostTensor`]s (row-major, slowest dimension first) and report malformed
 //! input as [`ModelError`], never by panicking.
 
 pub mod config;
 pub mod decoder;
 pub mod gguf;
+pub mod grad;
 pub mod safetensors_io;
 pub mod tokenizer;
 pub mod weights;
@@ -27,5 +31,6 @@ mod host;
 pub use config::LlamaConfig;
 pub use decoder::Llama;
 pub use error::{ModelError, Result};
+pub use grad::GradLlama;
 pub use host::HostTensor;
 pub use weights::{BlockWeights, HostWeights};

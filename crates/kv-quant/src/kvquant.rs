@@ -12,8 +12,10 @@
 //! - values, per token (over all KV heads' channels, the reference's per-token hidden state):
 //!   the same percentiles and normalisation per token, and a second codebook by k-means.
 //!
-//! The reference weights k-means by Fisher information (squared gradients of the loss); this
-//! implementation has no gradients and uses **uniform weights** (the reference's branch
+//! The reference weights k-means by Fisher information (squared gradients of the loss with
+//! respect to each activation, its `--fisher`): [`KvQuantCalibration::calibrate_weighted`]
+//! takes those weights (`kv-eval calibrate --kvquant-fisher` computes them with Burn's
+//! autodiff); [`KvQuantCalibration::calibrate`] uses uniform weights (the reference's branch
 //! without `--fisher`). k-means is Lloyd's algorithm in one dimension on sorted data with
 //! prefix sums (exact assignments), initialised at the `(j + ½)/2^b` quantiles and run for at
 //! most 50 iterations (the reference: scikit-learn, k-means++ init, `max_iter=50`).
@@ -112,6 +114,67 @@ pub fn kmeans_1d(mut xs: Vec<f32>, k: usize, iters: usize) -> Vec<f32> {
     c
 }
 
+/// One-dimensional weighted k-means (Lloyd's algorithm) with `k` clusters on `(x, w)`
+/// points (`w ≥ 0`): KVQuant's Fisher-weighted codebooks (the reference fits scikit-learn's
+/// k-means with `sample_weight` = the squared gradients). Assignments are exact as in
+/// [`kmeans_1d`]; a centroid moves to the weighted mean of its points. Centroids start at the
+/// `(j + ½)/k` quantiles of the weighted distribution (the smallest `x` whose cumulative
+/// weight reaches that share); at most `iters` iterations; sorted ascending. A cluster whose
+/// points weigh nothing keeps its centroid.
+///
+/// # Panics
+/// If `points` is empty, `k` is zero, or the weights are negative, non-finite or all zero (a
+/// programmer error: callers validate).
+pub fn kmeans_1d_weighted(mut points: Vec<(f32, f32)>, k: usize, iters: usize) -> Vec<f32> {
+    assert!(
+        !points.is_empty() && k > 0,
+        "kmeans_1d_weighted: empty data or zero clusters"
+    );
+    assert!(
+        points.iter().all(|&(_, w)| w.is_finite() && w >= 0.0)
+            && points.iter().any(|&(_, w)| w > 0.0),
+        "kmeans_1d_weighted: weights must be finite, non-negative and not all zero"
+    );
+    points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let xs: Vec<f32> = points.iter().map(|p| p.0).collect();
+    let (mut pw, mut pwx) = (vec![0.0f64], vec![0.0f64]);
+    for &(x, w) in &points {
+        pw.push(pw[pw.len() - 1] + f64::from(w));
+        pwx.push(pwx[pwx.len() - 1] + f64::from(w) * f64::from(x));
+    }
+    let total = pw[pw.len() - 1];
+    let mut c: Vec<f32> = (0..k)
+        .map(|j| {
+            let target = (j as f64 + 0.5) / k as f64 * total;
+            let i = pw[1..].partition_point(|&cw| cw < target).min(xs.len() - 1);
+            xs[i]
+        })
+        .collect();
+    for _ in 0..iters {
+        let mut next = c.clone();
+        let mut lo = 0;
+        for j in 0..k {
+            let hi = if j + 1 == k {
+                xs.len()
+            } else {
+                let mid = (c[j] + c[j + 1]) / 2.0;
+                xs.partition_point(|&x| x <= mid)
+            };
+            let w = pw[hi.max(lo)] - pw[lo];
+            if hi > lo && w > 0.0 {
+                next[j] = ((pwx[hi] - pwx[lo]) / w) as f32;
+            }
+            lo = hi.max(lo);
+        }
+        next.sort_by(f32::total_cmp);
+        if next == c {
+            break;
+        }
+        c = next;
+    }
+    c
+}
+
 /// The calibration artefact of a KVQuant layer: per-channel key thresholds and the two
 /// non-uniform codebooks (serialisable; produced by [`calibrate`](Self::calibrate) from a real
 /// model's captured keys and values, loaded at [`KvQuantConfig::init`]).
@@ -136,6 +199,10 @@ pub struct KvQuantCalibration {
     pub key_lut: Vec<f32>,
     /// The value codebook in normalised units, `2^b` entries ascending.
     pub value_lut: Vec<f32>,
+    /// Whether the codebooks come from Fisher-weighted k-means
+    /// ([`calibrate_weighted`](Self::calibrate_weighted)); absent in older artefacts (false).
+    #[serde(default)]
+    pub fisher_weighted: bool,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> QuantError {
@@ -197,6 +264,27 @@ impl KvQuantCalibration {
         sparsity_threshold: f64,
         sinks: usize,
     ) -> Result<Self> {
+        Self::calibrate_weighted(keys, values, None, bits, sparsity_threshold, sinks)
+    }
+
+    /// [`calibrate`](Self::calibrate) with KVQuant's Fisher-information weights: `fisher`
+    /// holds, for every captured key and value entry, its weight in the codebooks' k-means
+    /// (the reference's `--fisher`: the squared gradient of the loss with respect to that
+    /// activation), same shape as `keys` and `values`. Thresholds do not depend on the
+    /// weights. `None` is the uniform calibration.
+    ///
+    /// # Errors
+    /// As [`calibrate`](Self::calibrate), and [`QuantError::InvalidConfig`] for weights of
+    /// another shape, negative or non-finite weights, or weights that are all zero on the
+    /// inliers of keys or values.
+    pub fn calibrate_weighted(
+        keys: &Tensor<4>,
+        values: &Tensor<4>,
+        fisher: Option<(&Tensor<4>, &Tensor<4>)>,
+        bits: u32,
+        sparsity_threshold: f64,
+        sinks: usize,
+    ) -> Result<Self> {
         check_bits(bits)?;
         check_threshold(sparsity_threshold)?;
         let [s, h, t, d] = keys.dims();
@@ -222,51 +310,89 @@ impl KvQuantCalibration {
                 what: "calibration keys/values",
             });
         }
-        let tq = upper_quantile(sparsity_threshold);
-        let at = |data: &[f32], si: usize, hi: usize, ti: usize, ci: usize| {
-            data[((si * h + hi) * t + ti) * d + ci]
+        let weights = match fisher {
+            None => None,
+            Some((fk, fv)) => {
+                if fk.dims() != keys.dims() || fv.dims() != keys.dims() {
+                    return Err(invalid(
+                        "fisher",
+                        format!(
+                            "weights {:?} / {:?} for activations {:?}",
+                            fk.dims(),
+                            fv.dims(),
+                            keys.dims()
+                        ),
+                    ));
+                }
+                let (wk, wv) = (host(fk), host(fv));
+                if wk.iter().chain(&wv).any(|w| !w.is_finite() || *w < 0.0) {
+                    return Err(invalid("fisher", "weights must be finite and non-negative"));
+                }
+                Some((wk, wv))
+            }
         };
+        let weight = |keys: bool, i: usize| -> f32 {
+            weights
+                .as_ref()
+                .map_or(1.0, |(wk, wv)| if keys { wk[i] } else { wv[i] })
+        };
+        let tq = upper_quantile(sparsity_threshold);
+        let idx = |si: usize, hi: usize, ti: usize, ci: usize| ((si * h + hi) * t + ti) * d + ci;
         // Keys: per (head, channel) thresholds, then one codebook over all channels.
         let (mut upper, mut lower) = (Vec::with_capacity(h * d), Vec::with_capacity(h * d));
         let mut key_points = Vec::new();
         for hi in 0..h {
             for ci in 0..d {
-                let mut col: Vec<f32> = (0..s)
-                    .flat_map(|si| (sinks..t).map(move |ti| (si, ti)))
-                    .map(|(si, ti)| at(&kd, si, hi, ti, ci))
+                let cells: Vec<usize> = (0..s)
+                    .flat_map(|si| (sinks..t).map(move |ti| idx(si, hi, ti, ci)))
                     .collect();
-                let raw = col.clone();
+                let raw: Vec<f32> = cells.iter().map(|&i| kd[i]).collect();
+                let mut col = raw.clone();
                 col.sort_by(f32::total_cmp);
                 let (u, l) = (quantile_sorted(&col, tq), quantile_sorted(&col, 1.0 - tq));
                 upper.push(u);
                 lower.push(l);
-                key_points.extend(normalised_inliers(&raw, u, l));
+                let w: Vec<f32> = cells.iter().map(|&i| weight(true, i)).collect();
+                key_points.extend(normalised_inliers(&raw, &w, u, l));
             }
         }
         // Values: per token over all heads' channels.
         let mut value_points = Vec::new();
         for si in 0..s {
             for ti in sinks..t {
-                let row: Vec<f32> = (0..h)
-                    .flat_map(|hi| (0..d).map(move |ci| (hi, ci)))
-                    .map(|(hi, ci)| at(&vd, si, hi, ti, ci))
+                let cells: Vec<usize> = (0..h)
+                    .flat_map(|hi| (0..d).map(move |ci| idx(si, hi, ti, ci)))
                     .collect();
+                let row: Vec<f32> = cells.iter().map(|&i| vd[i]).collect();
+                let w: Vec<f32> = cells.iter().map(|&i| weight(false, i)).collect();
                 let mut sorted = row.clone();
                 sorted.sort_by(f32::total_cmp);
                 let (u, l) = (
                     quantile_sorted(&sorted, tq),
                     quantile_sorted(&sorted, 1.0 - tq),
                 );
-                value_points.extend(normalised_inliers(&row, u, l));
+                value_points.extend(normalised_inliers(&row, &w, u, l));
             }
         }
         let k = 1usize << bits;
-        let lut = |pts: Vec<f32>| {
+        let weighted = weights.is_some();
+        let lut = |what: &str, pts: Vec<(f32, f32)>| -> Result<Vec<f32>> {
             if pts.is_empty() {
                 // Every entry was constant: a codebook at 0 reproduces it (range 0).
-                vec![0.0; k]
+                Ok(vec![0.0; k])
+            } else if !weighted {
+                Ok(kmeans_1d(
+                    pts.into_iter().map(|p| p.0).collect(),
+                    k,
+                    KMEANS_MAX_ITERS,
+                ))
+            } else if pts.iter().all(|p| p.1 == 0.0) {
+                Err(invalid(
+                    "fisher",
+                    format!("every {what} inlier has weight 0"),
+                ))
             } else {
-                kmeans_1d(pts, k, KMEANS_MAX_ITERS)
+                Ok(kmeans_1d_weighted(pts, k, KMEANS_MAX_ITERS))
             }
         };
         Ok(KvQuantCalibration {
@@ -277,8 +403,9 @@ impl KvQuantCalibration {
             sinks,
             key_upper: upper,
             key_lower: lower,
-            key_lut: lut(key_points),
-            value_lut: lut(value_points),
+            key_lut: lut("key", key_points)?,
+            value_lut: lut("value", value_points)?,
+            fisher_weighted: weighted,
         })
     }
 
@@ -333,14 +460,15 @@ impl KvQuantCalibration {
 }
 
 /// The entries of `row` inside `[l, u]`, normalised to `[-1, 1]` (none if `u == l`).
-fn normalised_inliers(row: &[f32], u: f32, l: f32) -> Vec<f32> {
+fn normalised_inliers(row: &[f32], weights: &[f32], u: f32, l: f32) -> Vec<(f32, f32)> {
     let (off, rng) = ((u + l) / 2.0, (u - l) / 2.0);
     if rng <= 0.0 {
         return Vec::new();
     }
     row.iter()
-        .map(|&x| (x - off) / rng)
-        .filter(|x| x.abs() <= 1.0)
+        .zip(weights)
+        .map(|(&x, &w)| ((x - off) / rng, w))
+        .filter(|(x, _)| x.abs() <= 1.0)
         .collect()
 }
 

@@ -39,6 +39,7 @@ USAGE:
                   [--suffix 256] [--decode 16] [--chunk 64] [--json OUT]
   kv-eval calibrate --out FILE [--model PATH] [--text PATH] [--tokens N] [--window N]
                     [--kvquant FILE] [--rvq FILE]   (see kv-eval calibrate --help)
+  kv-eval fisher  --out FILE [--sequences N] [--tokens L]   (Palu's rank search; --help)
   kv-eval methods
 
 Defaults: --model and --text point into the asset folder ($KV_ASSETS_DIR or ./assets, filled
@@ -127,6 +128,10 @@ fn run(raw: &[String]) -> Result<()> {
     // `calibrate` parses its own flags (kv_eval::calibrate).
     if cmd == "calibrate" {
         return kv_eval::calibrate::run(&raw[1..]);
+    }
+    // `fisher` too (kv_eval::fisher).
+    if cmd == "fisher" {
+        return kv_eval::fisher::run(&raw[1..]);
     }
     let args = Args::parse(&raw[1..])?;
     match cmd.as_str() {

@@ -9,6 +9,7 @@ mod loki;
 mod lorc;
 mod matryoshka;
 mod palu;
+mod palu_ranks;
 mod props;
 mod think;
 

@@ -7,6 +7,7 @@
 //! returns.
 
 mod decoder;
+mod grad;
 mod host_math;
 mod real_model;
 mod tiny;

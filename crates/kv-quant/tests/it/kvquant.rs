@@ -7,7 +7,7 @@ use kv_core::{
     DenseCacheConfig, KeyRope, KvBlock, KvCache, KvError, KvShape, Query, RopeConfig,
     RopeConvention, StatsRequest, memory_matches_buffers,
 };
-use kv_quant::kvquant::kmeans_1d;
+use kv_quant::kvquant::{kmeans_1d, kmeans_1d_weighted};
 use kv_quant::{KvQuantCalibration, KvQuantConfig};
 use kv_testkit::{assert_close, max_diff, seeded_tensor, tensor_from, test_device, to_vec};
 
@@ -106,6 +106,7 @@ fn hand_calibration(lut: Vec<f32>) -> KvQuantCalibration {
         key_lower: vec![-1.0; 4],
         key_lut: lut.clone(),
         value_lut: lut,
+        fisher_weighted: false,
     }
 }
 
@@ -322,4 +323,124 @@ fn config_and_calibration_errors() {
         Err(KvError::InvalidConfig { field: "data", .. })
     ));
     assert_eq!((to_vec(&c.view().keys), c.memory()), before);
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32) {
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().zip(b).all(|(x, y)| (x - y).abs() <= tol),
+        "{a:?} vs {b:?} (tolerance {tol})"
+    );
+}
+
+/// Weighted sum of squared distances to the nearest centroid.
+fn weighted_sse(points: &[(f32, f32)], c: &[f32]) -> f64 {
+    points
+        .iter()
+        .map(|&(x, w)| {
+            let d = c
+                .iter()
+                .map(|&m| (x - m).abs())
+                .fold(f32::INFINITY, f32::min);
+            f64::from(w) * f64::from(d) * f64::from(d)
+        })
+        .sum()
+}
+
+#[test]
+fn weighted_kmeans_moves_centroids_to_weighted_means() {
+    // Two separated clusters: each centroid is its cluster's weighted mean.
+    let pts = vec![(0.0, 1.0), (1.0, 3.0), (10.0, 1.0), (11.0, 1.0)];
+    assert_eq!(kmeans_1d_weighted(pts, 2, 50), vec![0.75, 10.5]);
+    // One cluster: the weighted mean; a weightless point does not pull it.
+    let c = kmeans_1d_weighted(vec![(-4.0, 0.0), (1.0, 1.0), (2.0, 1.0)], 1, 50);
+    assert_eq!(c, vec![1.5]);
+    // Uniform weights on separated clusters agree with the unweighted k-means.
+    let xs = vec![-3.0, -2.9, -3.1, 0.0, 0.1, -0.1, 4.0, 4.2, 3.8];
+    let w: Vec<(f32, f32)> = xs.iter().map(|&x| (x, 1.0)).collect();
+    close(&kmeans_1d_weighted(w, 3, 50), &kmeans_1d(xs, 3, 50), 1e-6);
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+    #[test]
+    fn weighted_kmeans_never_increases_its_objective(
+        pts in proptest::collection::vec((-10.0f32..10.0, 0.0f32..5.0), 2..60),
+        k in 1usize..6,
+    ) {
+        proptest::prop_assume!(pts.iter().any(|p| p.1 > 0.0));
+        let one = kmeans_1d_weighted(pts.clone(), k, 1);
+        let many = kmeans_1d_weighted(pts.clone(), k, 50);
+        proptest::prop_assert!(many.is_sorted_by(|a, b| a <= b));
+        proptest::prop_assert!(
+            weighted_sse(&pts, &many) <= weighted_sse(&pts, &one) * (1.0 + 1e-5) + 1e-9
+        );
+    }
+}
+
+#[test]
+fn fisher_weights_shape_the_codebooks_not_the_thresholds() {
+    let d = test_device();
+    let shape = [2, 1, 40, 4];
+    let keys = seeded_tensor(shape, 11, 1.0, &d);
+    let values = seeded_tensor(shape, 12, 1.0, &d);
+    let plain = KvQuantCalibration::calibrate(&keys, &values, 2, 0.99, 0).expect("plain");
+    assert!(!plain.fisher_weighted);
+    // Weight only the positive entries: the codebooks move up, the thresholds stay.
+    let pos = |t: &Tensor<4>| t.clone().greater_elem(0.0).float() + 1e-6;
+    let (wk, wv) = (pos(&keys), pos(&values));
+    let w = KvQuantCalibration::calibrate_weighted(&keys, &values, Some((&wk, &wv)), 2, 0.99, 0)
+        .expect("weighted");
+    assert!(w.fisher_weighted);
+    assert_eq!(
+        (w.key_upper.clone(), w.key_lower.clone()),
+        (plain.key_upper.clone(), plain.key_lower.clone())
+    );
+    let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
+    assert!(
+        mean(&w.key_lut) > mean(&plain.key_lut) + 0.1,
+        "{:?} vs {:?}",
+        w.key_lut,
+        plain.key_lut
+    );
+    assert!(mean(&w.value_lut) > mean(&plain.value_lut) + 0.1);
+    // Unit weights reproduce the thresholds and give a codebook close to the plain one.
+    let ones = Tensor::<4>::ones(shape, &d);
+    let u =
+        KvQuantCalibration::calibrate_weighted(&keys, &values, Some((&ones, &ones)), 2, 0.99, 0)
+            .expect("unit weights");
+    close(&u.key_lut, &plain.key_lut, 0.05);
+    // An artefact written before the field existed still loads (uniform).
+    let mut json: serde_json::Value = serde_json::to_value(&plain).expect("json");
+    json.as_object_mut()
+        .expect("object")
+        .remove("fisher_weighted");
+    let old: KvQuantCalibration = serde_json::from_value(json).expect("old artefact");
+    assert!(!old.fisher_weighted);
+}
+
+#[test]
+fn bad_fisher_weights_are_refused() {
+    let d = test_device();
+    let shape = [1, 1, 20, 4];
+    let keys = seeded_tensor(shape, 3, 1.0, &d);
+    let values = seeded_tensor(shape, 4, 1.0, &d);
+    let ones = Tensor::<4>::ones(shape, &d);
+    let short = Tensor::<4>::ones([1, 1, 19, 4], &d);
+    let calib = |fk: &Tensor<4>, fv: &Tensor<4>| {
+        KvQuantCalibration::calibrate_weighted(&keys, &values, Some((fk, fv)), 2, 0.99, 0)
+    };
+    for (what, fk, fv) in [
+        ("shape", short.clone(), ones.clone()),
+        ("negative", ones.clone().neg(), ones.clone()),
+        ("nan", ones.clone(), ones.clone() * f32::NAN),
+        ("zero", ones.clone() * 0.0, ones.clone()),
+    ] {
+        match calib(&fk, &fv) {
+            Err(kv_quant::QuantError::InvalidConfig { field, .. }) => {
+                assert_eq!(field, "fisher", "{what}")
+            }
+            other => panic!("{what}: expected an error on fisher, got {other:?}"),
+        }
+    }
 }
