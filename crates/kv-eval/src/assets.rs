@@ -101,3 +101,56 @@ pub fn read_text(path: &Path, start_at: Option<&str>) -> Result<String> {
         },
     }
 }
+
+/// Refuses the evaluation text (*Pride and Prejudice*) as a calibration text.
+///
+/// # Errors
+/// [`EvalError::Usage`] naming the book to use instead.
+pub fn check_calibration_text(text: &Path) -> Result<()> {
+    if text.file_stem().and_then(|s| s.to_str()) == Some("prideprejudice") {
+        return Err(EvalError::Usage(
+            "Pride and Prejudice is the evaluation text: calibrate on another book (Emma)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The first `need` or more tokens of `text` (read from `source`): only a generous prefix is
+/// tokenized, since BPE cost is linear in the text.
+///
+/// # Errors
+/// [`EvalError::Text`] if the text gives fewer than `need` tokens.
+pub fn encode_prefix(
+    tokenizer: &Tokenizer,
+    text: &str,
+    need: usize,
+    source: &Path,
+) -> Result<Vec<u32>> {
+    let cut = text
+        .char_indices()
+        .nth(need.saturating_mul(12))
+        .map_or(text.len(), |(i, _)| i);
+    let ids = tokenizer.encode(&text[..cut]);
+    if ids.len() < need {
+        return Err(EvalError::Text(format!(
+            "{} gives {} tokens, {need} requested",
+            source.display(),
+            ids.len()
+        )));
+    }
+    Ok(ids)
+}
+
+/// Creates the folder an output file goes into.
+///
+/// # Errors
+/// [`EvalError::Io`].
+pub fn create_parent(path: &Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| EvalError::Io {
+            path: dir.into(),
+            source: e,
+        })?;
+    }
+    Ok(())
+}

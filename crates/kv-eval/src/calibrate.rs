@@ -215,11 +215,7 @@ fn parse(raw: &[String]) -> Result<Options> {
     if o.out.as_os_str().is_empty() {
         return Err(EvalError::Usage(format!("--out is required\n\n{USAGE}")));
     }
-    if o.text.file_stem().and_then(|s| s.to_str()) == Some("prideprejudice") {
-        return Err(EvalError::Usage(
-            "Pride and Prejudice is the evaluation text: calibrate on another book (Emma)".into(),
-        ));
-    }
+    assets::check_calibration_text(&o.text)?;
     if o.kvquant_fisher.is_some() && o.kvquant.is_none() {
         return Err(EvalError::Usage(
             "--kvquant-fisher weights KVQuant's calibration: add --kvquant FILE".into(),
@@ -248,20 +244,7 @@ pub fn run(raw: &[String]) -> Result<()> {
     // The host weights are only needed again for KVQuant's Fisher pass.
     let weights = o.kvquant_fisher.is_some().then_some(weights);
     let text = assets::read_text(&o.text, o.start_at.as_deref())?;
-    // BPE cost is linear in the text: tokenize a generous prefix only.
-    let cut = text
-        .char_indices()
-        .nth(o.tokens * 12)
-        .map_or(text.len(), |(i, _)| i);
-    let ids = loaded.tokenizer.encode(&text[..cut]);
-    if ids.len() < o.tokens {
-        return Err(EvalError::Text(format!(
-            "{} gives {} tokens, {} requested",
-            o.text.display(),
-            ids.len(),
-            o.tokens
-        )));
-    }
+    let ids = assets::encode_prefix(&loaded.tokenizer, &text, o.tokens, &o.text)?;
     let model = &loaded.model;
     let shape = model.kv_shape(1)?;
     let layers = model.config().num_hidden_layers;
@@ -310,12 +293,7 @@ pub fn run(raw: &[String]) -> Result<()> {
             .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
     };
     let cal = acc.finish(&name(&o.model), &name(&o.text))?;
-    if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| EvalError::Io {
-            path: dir.into(),
-            source: e,
-        })?;
-    }
+    assets::create_parent(&o.out)?;
     cal.save(&o.out)?;
     if let Some(path) = &o.kvquant {
         let windows = match (&weights, o.kvquant_fisher) {

@@ -81,11 +81,7 @@ fn parse(raw: &[String]) -> Result<Options> {
     if o.out.as_os_str().is_empty() {
         return Err(EvalError::Usage(format!("--out is required\n\n{USAGE}")));
     }
-    if o.text.file_stem().and_then(|s| s.to_str()) == Some("prideprejudice") {
-        return Err(EvalError::Usage(
-            "Pride and Prejudice is the evaluation text: calibrate on another book (Emma)".into(),
-        ));
-    }
+    assets::check_calibration_text(&o.text)?;
     Ok(o)
 }
 
@@ -104,19 +100,7 @@ pub fn run(raw: &[String]) -> Result<()> {
     let (weights, tokenizer) = assets::load_weights(&o.model, o.tokenizer.as_deref())?;
     let text = assets::read_text(&o.text, o.start_at.as_deref())?;
     let need = o.sequences * o.tokens;
-    // BPE cost is linear in the text: tokenize a generous prefix only.
-    let cut = text
-        .char_indices()
-        .nth(need * 12)
-        .map_or(text.len(), |(i, _)| i);
-    let ids = tokenizer.encode(&text[..cut]);
-    if ids.len() < need {
-        return Err(EvalError::Text(format!(
-            "{} gives {} tokens, {need} requested",
-            o.text.display(),
-            ids.len()
-        )));
-    }
+    let ids = assets::encode_prefix(&tokenizer, &text, need, &o.text)?;
     let mut model = GradLlama::new(&weights, &kv_testkit::test_device())?;
     drop(weights);
     let seqs: Vec<&[u32]> = ids[..need].chunks(o.tokens).collect();
@@ -145,12 +129,7 @@ pub fn run(raw: &[String]) -> Result<()> {
         keys: fisher.iter().map(|l| l.keys.clone()).collect(),
         values: fisher.iter().map(|l| l.values.clone()).collect(),
     };
-    if let Some(dir) = o.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| EvalError::Io {
-            path: dir.into(),
-            source: e,
-        })?;
-    }
+    assets::create_parent(&o.out)?;
     artefact.save(&o.out)?;
     eprintln!(
         "wrote {} ({} sequences of {} tokens, {:.1}s)",

@@ -86,6 +86,42 @@ pub(crate) fn rms_norm<const D: usize>(x: Tensor<D>, w: &Tensor<1>, eps: f64) ->
     x * w.clone().reshape(shape)
 }
 
+/// The LM head `[hidden, vocab]` (the tied embedding when the checkpoint has no head).
+pub(crate) fn upload_head(weights: &HostWeights, device: &Device) -> Tensor<2> {
+    upload_t(
+        &[weights.lm_head.as_ref().unwrap_or(&weights.embed)],
+        device,
+    )
+}
+
+/// The model's RoPE (HF rotate-half; GGUF checkpoints are un-permuted on load).
+pub(crate) fn model_rope(c: &LlamaConfig) -> Result<Rope> {
+    RopeConfig::new(
+        c.effective_head_dim(),
+        c.rope_theta as f32,
+        RopeConvention::RotateHalf,
+    )
+    .init()
+    .map_err(ModelError::Cache)
+}
+
+/// `x + down(silu(gate(h)) * up(h))` with `h = RMSNorm(x)`: the MLP half of a block.
+pub(crate) fn mlp_residual(
+    x: Tensor<3>,
+    norm: &Tensor<1>,
+    gate_up: &Tensor<2>,
+    down: &Tensor<2>,
+    c: &LlamaConfig,
+) -> Tensor<3> {
+    let [batch, n, _] = x.dims();
+    let hn = rms_norm(x.clone(), norm, c.rms_norm_eps);
+    let gu = hn.matmul(gate_up.clone().unsqueeze::<3>());
+    let f = c.intermediate_size;
+    let gate = gu.clone().slice([0..batch, 0..n, 0..f]);
+    let up = gu.slice([0..batch, 0..n, f..2 * f]);
+    x + (silu(gate) * up).matmul(down.clone().unsqueeze::<3>())
+}
+
 impl Llama {
     /// Uploads host weights to `device`.
     ///
@@ -107,17 +143,8 @@ impl Llama {
                 down: upload_t(&[&b.down], device),
             })
             .collect();
-        let head = upload_t(
-            &[weights.lm_head.as_ref().unwrap_or(&weights.embed)],
-            device,
-        );
-        let rope = RopeConfig::new(
-            c.effective_head_dim(),
-            c.rope_theta as f32,
-            RopeConvention::RotateHalf,
-        )
-        .init()
-        .map_err(ModelError::Cache)?;
+        let head = upload_head(weights, device);
+        let rope = model_rope(&c)?;
         Ok(Llama {
             embed: upload(&weights.embed, [v, h], device),
             norm: upload(&weights.norm, [h], device),
@@ -252,12 +279,7 @@ impl Llama {
             let att = att.swap_dims(1, 2).reshape([batch, n, qh * d]);
             x = x + att.matmul(blk.o.clone().unsqueeze::<3>());
 
-            let hn = rms_norm(x.clone(), &blk.mlp_norm, c.rms_norm_eps);
-            let gu = hn.matmul(blk.gate_up.clone().unsqueeze::<3>());
-            let f = c.intermediate_size;
-            let gate = gu.clone().slice([0..batch, 0..n, 0..f]);
-            let up = gu.slice([0..batch, 0..n, f..2 * f]);
-            x = x + (silu(gate) * up).matmul(blk.down.clone().unsqueeze::<3>());
+            x = mlp_residual(x, &blk.mlp_norm, &blk.gate_up, &blk.down, c);
         }
         Ok(rms_norm(x, &self.norm, c.rms_norm_eps))
     }

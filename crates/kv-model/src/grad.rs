@@ -24,10 +24,10 @@
 
 use burn::prelude::*;
 use burn::tensor::Gradients;
-use burn::tensor::activation::{log_softmax, silu, softmax};
-use kv_core::{Rope, RopeConfig, RopeConvention};
+use burn::tensor::activation::{log_softmax, softmax};
+use kv_core::Rope;
 
-use crate::decoder::{rms_norm, upload, upload_t};
+use crate::decoder::{mlp_residual, model_rope, rms_norm, upload, upload_head, upload_t};
 use crate::weights::HostWeights;
 use crate::{HostTensor, LlamaConfig, ModelError, Result};
 
@@ -203,17 +203,8 @@ impl GradLlama {
                 down: upload_t(&[&b.down], &device),
             })
             .collect();
-        let head = upload_t(
-            &[weights.lm_head.as_ref().unwrap_or(&weights.embed)],
-            &device,
-        );
-        let rope = RopeConfig::new(
-            c.effective_head_dim(),
-            c.rope_theta as f32,
-            RopeConvention::RotateHalf,
-        )
-        .init()
-        .map_err(ModelError::Cache)?;
+        let head = upload_head(weights, &device);
+        let rope = model_rope(&c)?;
         Ok(GradLlama {
             embed: upload(&weights.embed, [v, h], &device),
             norm: upload(&weights.norm, [h], &device),
@@ -378,12 +369,7 @@ impl GradLlama {
             let att = att.swap_dims(1, 2).reshape([batch, n, qh * d]);
             x = x + att.matmul(blk.o.clone().unsqueeze::<3>());
 
-            let hn = rms_norm(x.clone(), &blk.mlp_norm, c.rms_norm_eps);
-            let gu = hn.matmul(blk.gate_up.clone().unsqueeze::<3>());
-            let f = c.intermediate_size;
-            let gate = gu.clone().slice([0..batch, 0..n, 0..f]);
-            let up = gu.slice([0..batch, 0..n, f..2 * f]);
-            x = x + (silu(gate) * up).matmul(blk.down.clone().unsqueeze::<3>());
+            x = mlp_residual(x, &blk.mlp_norm, &blk.gate_up, &blk.down, c);
         }
         let x = rms_norm(x, &self.norm, c.rms_norm_eps);
         let rows = batch * (n - 1);

@@ -82,14 +82,28 @@ pub fn kmeans_1d(mut xs: Vec<f32>, k: usize, iters: usize) -> Vec<f32> {
         "kmeans_1d: empty data or zero clusters"
     );
     xs.sort_by(f32::total_cmp);
-    let mut prefix = Vec::with_capacity(xs.len() + 1);
-    prefix.push(0.0f64);
-    for &x in &xs {
-        prefix.push(prefix[prefix.len() - 1] + f64::from(x));
+    let (mut pw, mut pwx) = (
+        Vec::with_capacity(xs.len() + 1),
+        Vec::with_capacity(xs.len() + 1),
+    );
+    pw.push(0.0f64);
+    pwx.push(0.0f64);
+    for (i, &x) in xs.iter().enumerate() {
+        pw.push((i + 1) as f64);
+        pwx.push(pwx[i] + f64::from(x));
     }
-    let mut c: Vec<f32> = (0..k)
+    let c: Vec<f32> = (0..k)
         .map(|j| quantile_sorted(&xs, (j as f64 + 0.5) / k as f64))
         .collect();
+    lloyd_1d(&xs, &pw, &pwx, c, iters)
+}
+
+/// Lloyd iterations on sorted `xs` with prefix sums of the weights (`pw`) and of weight times
+/// value (`pwx`), both starting at 0: each centroid moves to the weighted mean of the points
+/// nearer to it than to its neighbours (ties to the lower one); a weightless cluster keeps its
+/// centroid. Stops when nothing moves or after `iters` iterations.
+fn lloyd_1d(xs: &[f32], pw: &[f64], pwx: &[f64], mut c: Vec<f32>, iters: usize) -> Vec<f32> {
+    let k = c.len();
     for _ in 0..iters {
         let mut next = c.clone();
         let mut lo = 0;
@@ -100,8 +114,9 @@ pub fn kmeans_1d(mut xs: Vec<f32>, k: usize, iters: usize) -> Vec<f32> {
                 let mid = (c[j] + c[j + 1]) / 2.0;
                 xs.partition_point(|&x| x <= mid)
             };
-            if hi > lo {
-                next[j] = ((prefix[hi] - prefix[lo]) / (hi - lo) as f64) as f32;
+            let w = pw[hi.max(lo)] - pw[lo];
+            if hi > lo && w > 0.0 {
+                next[j] = ((pwx[hi] - pwx[lo]) / w) as f32;
             }
             lo = hi.max(lo);
         }
@@ -143,36 +158,14 @@ pub fn kmeans_1d_weighted(mut points: Vec<(f32, f32)>, k: usize, iters: usize) -
         pwx.push(pwx[pwx.len() - 1] + f64::from(w) * f64::from(x));
     }
     let total = pw[pw.len() - 1];
-    let mut c: Vec<f32> = (0..k)
+    let c: Vec<f32> = (0..k)
         .map(|j| {
             let target = (j as f64 + 0.5) / k as f64 * total;
             let i = pw[1..].partition_point(|&cw| cw < target).min(xs.len() - 1);
             xs[i]
         })
         .collect();
-    for _ in 0..iters {
-        let mut next = c.clone();
-        let mut lo = 0;
-        for j in 0..k {
-            let hi = if j + 1 == k {
-                xs.len()
-            } else {
-                let mid = (c[j] + c[j + 1]) / 2.0;
-                xs.partition_point(|&x| x <= mid)
-            };
-            let w = pw[hi.max(lo)] - pw[lo];
-            if hi > lo && w > 0.0 {
-                next[j] = ((pwx[hi] - pwx[lo]) / w) as f32;
-            }
-            lo = hi.max(lo);
-        }
-        next.sort_by(f32::total_cmp);
-        if next == c {
-            break;
-        }
-        c = next;
-    }
-    c
+    lloyd_1d(&xs, &pw, &pwx, c, iters)
 }
 
 /// The calibration artefact of a KVQuant layer: per-channel key thresholds and the two
