@@ -18,6 +18,9 @@
 //! - the other two combinations (keys along channels, values along tokens) and the
 //!   full-precision parts (windows, sinks, the pending block) are handled the same way.
 //!
+//! QJL's keys (sign bits of a sketch, see [`crate::qjl`]) are scored by [`signs`]: the query
+//! is sketched once per stream and every key is scored from its packed signs and norms.
+//!
 //! Codes map to levels through a table (`levels[code]`), so llama.cpp's formats (`q8_0`'s
 //! signed bytes, `q4_0`'s offset, `iq4_nl`'s non-linear table, the `q5_*` high-bit plane) and
 //! fp8 reuse the kernels: `x̂ = levels[code] · s + z`. The common layouts (2-, 4- and 8-bit
@@ -40,10 +43,12 @@ use crate::group::{GroupAxis, QuantizedTensor};
 use crate::packing::BitWidth;
 
 mod kernels;
+mod signs;
 
 use kernels::{Decode, Fast};
 #[cfg(target_arch = "x86_64")]
 use kernels::{score_channels, score_tokens, values_channels};
+pub(crate) use signs::HostSigns;
 
 /// The most query rows per KV head (`q_heads / kv_heads × query tokens`) the host path takes;
 /// larger queries (prefill chunks) go through the tensor ops, whose matmuls amortise the
@@ -439,6 +444,8 @@ pub(crate) struct Segment<'a> {
 pub(crate) enum Source<'a> {
     Dense(&'a HostDense),
     Codes(&'a HostCodes),
+    /// QJL's sign-sketched keys (keys only: they have no values to sum).
+    Signs(&'a HostSigns),
 }
 
 impl Source<'_> {
@@ -446,6 +453,7 @@ impl Source<'_> {
         match self {
             Source::Dense(x) => x.tokens(),
             Source::Codes(x) => x.tokens(),
+            Source::Signs(x) => x.tokens(),
         }
     }
 }
@@ -516,6 +524,9 @@ pub(crate) fn clip(segments: Vec<Segment<'_>>, end: usize) -> Vec<Segment<'_>> {
 /// stream `bh`, written token-major to `out[t * rows + r]` for the segment's `t` (from 0).
 #[inline(always)]
 fn score_segment(seg: &Segment<'_>, bh: usize, q: &[f32], d: usize, out: &mut [f32]) {
+    if let Source::Signs(s) = seg.src {
+        return signs::score_signs(s, seg.range.clone(), bh, q, out);
+    }
     if let Source::Codes(c) = seg.src
         && let Some(fast) = c.fast
     {
@@ -529,6 +540,7 @@ fn score_segment(seg: &Segment<'_>, bh: usize, q: &[f32], d: usize, out: &mut [f
     let rows = q.len() / d;
     let mut buf = vec![0.0f32; d];
     match seg.src {
+        Source::Signs(_) => unreachable!("invariant: sign sketches are scored above"),
         Source::Dense(x) => {
             for (i, t) in seg.range.clone().enumerate() {
                 let k = x.row(bh, t);
@@ -819,6 +831,7 @@ fn accumulate_segment(
     let weight = |r: usize, i: usize| p[i * rows + r];
     let skip = |i: usize| (0..rows).all(|r| weight(r, i) == 0.0);
     match seg.src {
+        Source::Signs(_) => unreachable!("invariant: sign sketches hold keys, never values"),
         Source::Dense(x) => {
             for (i, t) in seg.range.clone().enumerate() {
                 if skip(i) {

@@ -32,6 +32,14 @@
 //! [`QjlKeys::dequantize`] returns `k̂` (the dequantize path), so that attention over
 //! `view()` is exactly the attention QJL computes — the test oracle — while
 //! [`QjlKeys::scores`] computes the same numbers from the bits without forming `k̂`.
+//!
+//! # Attention
+//! Decode-sized queries on the CPU backends are scored on the host straight from the packed
+//! sign bits and norms (`S q` once per stream, the outlier channels' share of it per group,
+//! then one `±1` multiply-add per bit and query row in AVX2 registers) with the values summed
+//! on their codes by KIVI's fused kernels; other queries and devices stream chunks through
+//! tensor ops ([`QjlKeys::scores`] and dequantized values). Both equal attention over `view()`
+//! up to fp32 summation order.
 
 use burn::prelude::*;
 use burn::tensor::{FloatDType, IndexingUpdateOp, IntDType};
@@ -45,13 +53,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{attend_streamed_scores, empty_lse};
 use crate::group::{F16_MAX_ABS_INPUT, GroupAxis, QuantSpec, QuantizedTensor};
+use crate::host::{HostCodes, HostDense, HostSigns, Source, attend_host, ordered, use_host};
 use crate::packing::{BitWidth, pack_words, unpack_words};
 use crate::params as parse;
 use crate::rng::SplitMix64;
 use crate::{QuantError, Result};
 
 /// `√(π/2)`, the constant of the sign estimator.
-const SQRT_HALF_PI: f32 = 1.253_314_1;
+pub(crate) const SQRT_HALF_PI: f32 = 1.253_314_1;
 
 /// The largest key norm fp16 norms can hold.
 const F16_MAX: f32 = 65504.0;
@@ -373,6 +382,10 @@ impl QjlKeys {
     /// The outlier channels of every group, `[b, h, t / G, o]` `U8` (none without outliers).
     pub fn outlier_indices(&self) -> Option<&Tensor<4, Int>> {
         self.outlier.as_ref().map(|o| &o.indices)
+    }
+    /// Packed `sign(S_o k_out)`, `[b, h, t, ⌈m_o/32⌉]` `U32` (none without outliers).
+    pub(crate) fn outlier_signs(&self) -> Option<&Tensor<4, Int>> {
+        self.outlier.as_ref().map(|o| &o.signs)
     }
 
     /// The held buffers, all attributed to `role`.
@@ -936,9 +949,65 @@ impl QjlCache {
         self.k_sketch.as_ref()
     }
 
+    /// Attention without statistics and its log-sum-exp (the cache is not empty): the fused
+    /// host path for decode-sized queries on CPU backends
+    /// ([`attend_fused`](Self::attend_fused)), the streamed tensor ops otherwise
+    /// ([`attend_chunked`](Self::attend_chunked)).
+    fn attend_fast(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        if use_host(&self.device, query, self.config.shape.kv_heads()) {
+            self.attend_fused(query)
+        } else {
+            self.attend_chunked(query)
+        }
+    }
+
+    /// Attention computed on the host from the sign bits (see [`crate::host`]): the query is
+    /// sketched once per stream, every sketched key is scored from its packed signs and
+    /// norms (and its group's outlier channels), and the quantized values are summed on their
+    /// codes with the register kernels KIVI uses. Buffered and pending tokens are exact. Only
+    /// the packed words, norms, statistics, buffers and `S` are read back; no key or value is
+    /// dequantized.
+    pub(crate) fn attend_fused(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+        let pending = self
+            .pending
+            .as_ref()
+            .map(|(k, v)| (HostDense::new(k), HostDense::new(v)));
+        let ks = self
+            .k_sketch
+            .as_ref()
+            .map(|k| HostSigns::new(k, &self.sketch));
+        let vq = self.v_quant.as_ref().map(HostCodes::from_quantized);
+        let kf = self.k_full.as_ref().map(HostDense::new);
+        let vf = self.v_full.as_ref().map(HostDense::new);
+        let keys = ordered(
+            &[
+                ks.as_ref().map(Source::Signs),
+                kf.as_ref().map(Source::Dense),
+            ],
+            pending.as_ref().map(|p| &p.0),
+            self.len,
+        );
+        let values = ordered(
+            &[
+                vq.as_ref().map(Source::Codes),
+                vf.as_ref().map(Source::Dense),
+            ],
+            pending.as_ref().map(|p| &p.1),
+            self.len,
+        );
+        attend_host(
+            query,
+            self.config.shape.kv_heads(),
+            self.len,
+            &self.positions,
+            &keys,
+            &values,
+        )
+    }
+
     /// Attention without statistics and its log-sum-exp, streamed over chunks of whole
     /// groups with scores estimated from the sign bits (the cache is not empty).
-    fn attend_streamed_lse(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
+    pub(crate) fn attend_chunked(&self, query: &Query) -> (Tensor<4>, Tensor<4>) {
         let g = self.config.group;
         // With outliers the query is sketched per group of every chunk
         // (`groups x rows x m` floats): long query blocks get fewer groups per chunk.
@@ -1202,7 +1271,7 @@ impl KvCache for QjlCache {
         }
         if !stats.any() {
             return Ok(Attended {
-                output: self.attend_streamed_lse(query).0,
+                output: self.attend_fast(query).0,
                 stats: Default::default(),
             });
         }
@@ -1226,7 +1295,7 @@ impl KvCache for QjlCache {
         if self.len == 0 {
             return Ok(empty_lse(query, self.config.shape.kv_heads()));
         }
-        Ok(self.attend_streamed_lse(query))
+        Ok(self.attend_fast(query))
     }
 
     fn end_prefill(&mut self) -> kv_core::Result<()> {

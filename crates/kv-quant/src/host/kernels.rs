@@ -34,7 +34,49 @@ pub(super) struct Fast {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) use avx2::{score_channels, score_tokens, values_channels};
+pub(super) use avx2::{score_channels, score_signs, score_tokens, values_channels};
+
+/// One part of QJL's sign-sketched keys for [`score_signs`]: `words_per_token` packed words of
+/// sign bits per token (bit `j` of word `w` is sketch coordinate `32w + j`, set for `+1`), the
+/// matching query sketch of every row (`32 · words_per_token` floats per row, zero beyond the
+/// sketch dimension, so that padding bits add nothing) and a coefficient per token.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct SignPart<'a> {
+    pub(super) words: &'a [u32],
+    pub(super) words_per_token: usize,
+    pub(super) query: &'a [f32],
+    pub(super) norms: &'a [f32],
+}
+
+/// `Σ_parts norms[i] · Σ_j query[r][j] · (±1)_ij` for token `i` of the parts and row `r` of
+/// `rows`, written to `out[i * stride + r]`: the portable loop the AVX2 kernel is tested
+/// against, and the path on CPUs without AVX2.
+#[inline(always)]
+pub(super) fn score_signs_generic(
+    parts: &[SignPart<'_>],
+    tokens: usize,
+    rows: usize,
+    stride: usize,
+    out: &mut [f32],
+) {
+    for i in 0..tokens {
+        for r in 0..rows {
+            let mut total = 0.0f32;
+            for p in parts {
+                let w = p.words_per_token;
+                let q = &p.query[r * 32 * w..(r + 1) * 32 * w];
+                let mut acc = [0.0f32; 32];
+                for (&word, qw) in p.words[i * w..(i + 1) * w].iter().zip(q.chunks_exact(32)) {
+                    for (j, (a, &x)) in acc.iter_mut().zip(qw).enumerate() {
+                        *a += if (word >> j) & 1 == 1 { x } else { -x };
+                    }
+                }
+                total += p.norms[i] * acc.iter().sum::<f32>();
+            }
+            out[i * stride + r] = total;
+        }
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
@@ -142,6 +184,70 @@ mod avx2 {
     fn hsum(a: f32x8) -> f32 {
         let a: [f32; 8] = cast(a);
         ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
+    }
+
+    /// The left shifts that move bit `8k + i` of a word to bit 31 in lane `i` of chunk `k`.
+    const SIGN_SHIFTS: [[u32; 8]; 4] = {
+        let mut s = [[0u32; 8]; 4];
+        let mut k = 0;
+        while k < 4 {
+            let mut i = 0;
+            while i < 8 {
+                s[k][i] = 31 - (8 * k + i) as u32;
+                i += 1;
+            }
+            k += 1;
+        }
+        s
+    };
+
+    /// [`super::score_signs_generic`] for `R` rows: every word is broadcast once, each 8-bit
+    /// chunk becomes eight `±1.0` lanes with one variable shift, one and-not of the sign bit and
+    /// one or with `1.0`'s bits, shared by the `R` rows' fused multiply-adds (two accumulators
+    /// per row and part). `out[i * stride + r]` for `r < R`.
+    #[inline(always)]
+    pub(in crate::host) fn score_signs<const R: usize>(
+        parts: &[super::SignPart<'_>],
+        tokens: usize,
+        stride: usize,
+        out: &mut [f32],
+    ) {
+        let simd = avx2();
+        let sign = simd.splat_u32x8(0x8000_0000);
+        let one = simd.splat_u32x8(1.0f32.to_bits());
+        let shifts: [u32x8; 4] = SIGN_SHIFTS.map(cast);
+        let zero = simd.splat_f32x8(0.0);
+        for i in 0..tokens {
+            // Per row, the parts' lane sums scaled by their norms: one reduction per row.
+            let mut total = [zero; R];
+            for p in parts {
+                let w = p.words_per_token;
+                let words = &p.words[i * w..(i + 1) * w];
+                let q = chunks(&p.query[..R * 32 * w]);
+                let (q, _) = q.as_chunks::<4>();
+                let qr: [&[[f32x8; 4]]; R] = core::array::from_fn(|r| &q[r * w..(r + 1) * w]);
+                let mut acc = [[zero; 2]; R];
+                for (j, &word) in words.iter().enumerate() {
+                    let x = simd.splat_u32x8(word);
+                    for (k, &sh) in shifts.iter().enumerate() {
+                        // Bit set: +1.0; clear: the sign bit joins 1.0's bits, -1.0.
+                        let pm: f32x8 = cast(
+                            simd.or_u32x8(simd.andnot_u32x8(simd.shl_dyn_u32x8(x, sh), sign), one),
+                        );
+                        for (a, q) in acc.iter_mut().zip(&qr) {
+                            a[k % 2] = simd.mul_add_f32x8(q[j][k], pm, a[k % 2]);
+                        }
+                    }
+                }
+                let norm = simd.splat_f32x8(p.norms[i]);
+                for (t, a) in total.iter_mut().zip(&acc) {
+                    *t = simd.mul_add_f32x8(simd.add_f32x8(a[0], a[1]), norm, *t);
+                }
+            }
+            for (o, t) in out[i * stride..i * stride + R].iter_mut().zip(total) {
+                *o = hsum(t);
+            }
+        }
     }
 
     /// A planar row of `W * C` floats as 8-lane chunks.
