@@ -2,11 +2,11 @@
 
 use burn::prelude::*;
 use kv_core::{
-    KvBlock, KvCache, KvError, KvShape, Query, StatsRequest, memory_matches_buffers,
+    KvBlock, KvCache, KvError, KvShape, PAD, Query, StatsRequest, memory_matches_buffers,
     reference_attention,
 };
 use kv_pq::{
-    KMeansConfig, RVQ_VERSION, ResidualQuantizer, RvqArtefact, RvqConfig, RvqTrainConfig,
+    KMeansConfig, RVQ_VERSION, ResidualQuantizer, RvqArtefact, RvqCache, RvqConfig, RvqTrainConfig,
     rvq::train_layer,
 };
 use kv_testkit::{assert_close, seeded_tensor, test_device, to_vec};
@@ -177,6 +177,8 @@ fn strided_key_groups_round_trip_and_streamed_attention_equals_the_oracle() {
         let q =
             Query::contiguous(seeded_tensor([2, 4, n, 8], 9, 1.0, &device), pos).expect("query");
         let oracle = c.attend_decoded(&q).expect("oracle");
+        let (chunked, _) = c.attend_chunked(&q).expect("chunked");
+        assert_close(&chunked, &oracle, 1e-5, 1e-4);
         let got = c.attend(&q, StatsRequest::NONE).expect("attend").output;
         assert_close(&got, &oracle, 1e-5, 1e-4);
         let (lse_out, _) = c.attend_lse(&q).expect("lse");
@@ -440,4 +442,165 @@ fn subsampled_training_sees_every_channel_group() {
     let v = c.view();
     assert_close(&v.keys, &x, 2e-3, 2e-3);
     assert_close(&v.values, &x, 2e-3, 2e-3);
+}
+
+/// Appends `n` seeded tokens to a two-sequence cache: sequence `b` from position `starts[b]`,
+/// sequence 1 after `pad` padding slots.
+fn append_padded(c: &mut RvqCache, s: KvShape, n: usize, starts: [u32; 2], pad: usize, seed: u64) {
+    let device = test_device();
+    let dims = [s.batch(), s.kv_heads(), n, s.head_dim()];
+    let mut positions: Vec<u32> = (starts[0]..starts[0] + n as u32).collect();
+    positions.extend((0..n).map(|i| {
+        if i < pad {
+            PAD
+        } else {
+            starts[1] + (i - pad) as u32
+        }
+    }));
+    c.append(
+        KvBlock::new(
+            seeded_tensor(dims, seed, 1.5, &device),
+            seeded_tensor(dims, seed + 1, 1.0, &device),
+            positions,
+        )
+        .expect("block"),
+    )
+    .expect("append");
+}
+
+/// Output and log-sum-exp of the table path against the decode-then-attend oracle and the
+/// chunked path.
+fn check_tables(c: &mut RvqCache, q: &Query) {
+    let oracle = c.attend_decoded(q).expect("oracle");
+    let (out, lse) = c.attend_tables(q).expect("tables");
+    assert_close(&out, &oracle, 1e-5, 1e-4);
+    let (_, chunked_lse) = c.attend_chunked(q).expect("chunked");
+    assert_close(&lse, &chunked_lse, 1e-5, 1e-5);
+    if c.uses_tables(q) {
+        let got = c.attend(q, StatsRequest::NONE).expect("attend").output;
+        assert_eq!(to_vec(&got), to_vec(&out), "attend takes the table path");
+        let (lo, ll) = c.attend_lse(q).expect("attend_lse");
+        assert_eq!(to_vec(&lo), to_vec(&out));
+        assert_eq!(to_vec(&ll), to_vec(&lse));
+    }
+}
+
+#[test]
+fn table_attention_equals_the_decoded_oracle() {
+    let device = test_device();
+    // GQA: 6 query heads on 2 KV heads; head_dim 16 in 4 strided key groups of 4 channels; 3
+    // stages of 16 entries; sequence 1 left-padded by 3 slots.
+    let s = KvShape::new(2, 2, 6, 16).expect("shape");
+    let a = artefact(s, 1, 4, 16, 3);
+    let mut c = RvqConfig::new(s, "", 0)
+        .with_chunk(7)
+        .init_with(&a, &device)
+        .expect("init");
+    append_padded(&mut c, s, 23, [0, 0], 3, 1);
+    c.end_prefill().expect("end_prefill");
+    for step in 0..4u32 {
+        append_padded(
+            &mut c,
+            s,
+            1,
+            [23 + step, 20 + step],
+            0,
+            10 + u64::from(step),
+        );
+        let pos = vec![23 + step, 20 + step];
+        let q = Query::new(
+            seeded_tensor([2, 6, 1, 16], 30 + u64::from(step), 2.0, &device),
+            pos,
+        )
+        .expect("query");
+        let name = kv_testkit::device_name(&device);
+        if name.contains("Flex") || name.contains("NdArray") {
+            assert!(
+                c.uses_tables(&q),
+                "a decode query on the CPU takes the tables"
+            );
+        }
+        check_tables(&mut c, &q);
+    }
+    // A multi-token query inside the cache (causal mask, rows 3 × 3 ≤ 64) and one whose
+    // first token sees nothing of sequence 1 (output zero, log-sum-exp f32::MIN).
+    for start in [5u32, 0] {
+        let q = Query::new(
+            seeded_tensor([2, 6, 3, 16], 40 + u64::from(start), 1.0, &device),
+            vec![start, start + 1, start + 2, start, start + 1, start + 2],
+        )
+        .expect("query");
+        check_tables(&mut c, &q);
+    }
+    // A prefill-sized query takes the chunked path.
+    let q = Query::contiguous(seeded_tensor([2, 6, 30, 16], 50, 1.0, &device), 0).expect("q");
+    assert!(!c.uses_tables(&q));
+    check_tables(&mut c, &q);
+}
+
+#[test]
+fn table_attention_handles_u16_codes_and_several_work_items() {
+    let device = test_device();
+    // MQA, 300 entries (u16 codes), 2 stages, enough tokens to cross the 4096-token task
+    // boundary inside a stream and at the stream boundary (2 sequences).
+    let s = KvShape::new(2, 1, 2, 4).expect("shape");
+    let a = artefact(s, 1, 2, 300, 2);
+    let mut c = RvqConfig::new(s, "", 0)
+        .init_with(&a, &device)
+        .expect("init");
+    append_padded(&mut c, s, 4100, [0, 0], 5, 3);
+    append_padded(&mut c, s, 1, [4100, 4095], 0, 4);
+    assert_eq!(
+        c.key_codes().expect("codes").dtype(),
+        burn::tensor::DType::U16
+    );
+    let q = Query::new(
+        seeded_tensor([2, 2, 1, 4], 5, 1.0, &device),
+        vec![4100, 4095],
+    )
+    .expect("query");
+    check_tables(&mut c, &q);
+}
+
+#[test]
+fn table_attention_at_the_model_shape_equals_the_oracle() {
+    let device = test_device();
+    // SmolLM2's layer: 3 KV heads, 9 query heads, head_dim 64 in groups of 8, 256 entries, 2
+    // of 3 trained stages; a prompt shorter than one task of 4096 tokens, so one work item
+    // covers all three streams.
+    let s = KvShape::new(1, 3, 9, 64).expect("shape");
+    let a = artefact(s, 1, 8, 256, 3);
+    let mut c = RvqConfig::new(s, "", 0)
+        .with_stages(2)
+        .init_with(&a, &device)
+        .expect("init");
+    let n = 1500;
+    c.append(
+        KvBlock::contiguous(
+            seeded_tensor([1, 3, n, 64], 7, 1.0, &device),
+            seeded_tensor([1, 3, n, 64], 8, 1.0, &device),
+            0,
+        )
+        .expect("block"),
+    )
+    .expect("append");
+    for step in 0..3u32 {
+        let pos = n as u32 + step;
+        c.append(
+            KvBlock::contiguous(
+                seeded_tensor([1, 3, 1, 64], 20 + u64::from(step), 1.0, &device),
+                seeded_tensor([1, 3, 1, 64], 30 + u64::from(step), 1.0, &device),
+                pos,
+            )
+            .expect("block"),
+        )
+        .expect("append");
+        // Sharp queries (scale 3) so that a few keys dominate.
+        let q = Query::contiguous(
+            seeded_tensor([1, 9, 1, 64], 40 + u64::from(step), 3.0, &device),
+            pos,
+        )
+        .expect("query");
+        check_tables(&mut c, &q);
+    }
 }
