@@ -4,14 +4,21 @@
 //! LESS (evicted tokens folded into a learned low-rank state).
 //!
 //! It does not score or select tokens for plain eviction (that is `kv-evict`). DMC's learned
-//! decisions need a DMC-retrofitted checkpoint, exported as a [`DmcArtefact`]; LESS's small
-//! maps are trained here, layer by layer on captured activations with the model frozen.
+//! decisions come from a [`DmcArtefact`]: exported from a DMC-retrofitted checkpoint, or
+//! trained here by a frozen-model retrofit of linear decision heads ([`Retrofit`]: DMC's
+//! Gumbel-sigmoid relaxation, partial accumulation and compression loss through Burn's
+//! autodiff). LESS's small maps are trained here too, layer by layer on captured activations
+//! with the model frozen.
 //!
 //! # What it is
 //! - [`DmcCache`] ([`DmcConfig`]): per (sequence, KV head), a variable-length list of slots,
 //!   each the ω-weighted mean of a run of consecutive tokens with its mass `z`; decisions come
 //!   from a [`MergeDecision`] ([`DecisionConfig`]: never, always, the cosine-similarity
 //!   proxy, or learned linear heads from an artefact). Merges free memory for real.
+//! - [`Retrofit`] ([`RetrofitConfig`], [`DecisionHeads`]): trains the learned heads with the
+//!   model frozen: [`relaxed_attention`] is DMC's training-time attention (continuous `α`,
+//!   partial accumulation in closed form, the `ln(1 − α)` mask), equal to the cache appended
+//!   token by token for hard decisions; the example `dmc_retrofit` runs it on the real model.
 //! - [`MergeEvictCache`] ([`MergeEvictConfig`]): sinks + recent window (StreamingLLM's budget,
 //!   as CaM's code); each evicted value is merged into the next kept tokens with a weight
 //!   proportional to its attention (CaM), and every value stays a convex combination.
@@ -43,6 +50,7 @@ mod dmc;
 mod less;
 mod less_maps;
 mod less_train;
+mod retrofit;
 mod storage;
 
 pub use cam::{MergeEvictCache, MergeEvictConfig};
@@ -58,4 +66,8 @@ pub use less_maps::{
 };
 pub use less_train::{
     LessSample, TrainOptions, TrainReport, loss, loss_and_grad, output_metric, train_layer,
+};
+pub use retrofit::{
+    AttentionFn, DecisionHeads, LOG_ALPHA_FLOOR, OMEGA_EPS, Retrofit, RetrofitConfig, StepReport,
+    TrackedHeads, accumulate, hard_attention, relaxed_attention, straight_through, target_ratio,
 };
