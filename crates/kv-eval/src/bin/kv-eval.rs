@@ -526,15 +526,32 @@ fn list<T: std::str::FromStr>(args: &Args, key: &str, default: &str) -> Result<V
         .collect()
 }
 
-/// Splits a `--methods` list: on `;` when it has one (stages then may carry several
-/// `k=v,k=v` parameters), else on `,`.
+/// Splits a `--methods` list: on `;` when it has one, else on `,` except before a
+/// `key=value` piece that is not a method of its own (no `:` or `|` before its `=`), which
+/// continues the previous method's parameters: `kivi:bits=2,group=64,q4_0` is two methods.
 fn method_list(list: &str) -> Vec<String> {
-    let sep = if list.contains(';') { ';' } else { ',' };
-    list.split(sep)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect()
+    if list.contains(';') {
+        return list
+            .split(';')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    let mut out: Vec<String> = Vec::new();
+    for piece in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let continues = piece
+            .split_once('=')
+            .is_some_and(|(head, _)| !head.contains(':') && !head.contains('|'));
+        match out.last_mut() {
+            Some(last) if continues => {
+                last.push(',');
+                last.push_str(piece);
+            }
+            _ => out.push(piece.to_owned()),
+        }
+    }
+    out
 }
 
 fn caches_for(loaded: &LoadedModel, stages: &PipelineSpec) -> Result<kv_core::LayerCaches> {
@@ -959,4 +976,26 @@ fn run_specs(
         )?);
     }
     Ok((reports, mp, tp))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::method_list;
+
+    #[test]
+    fn method_lists_keep_parameters_with_their_method() {
+        assert_eq!(
+            method_list("kivi:bits=2,group=64,q4_0, snapkv:ratio=0.5|kivi:bits=4,residual=64"),
+            [
+                "kivi:bits=2,group=64",
+                "q4_0",
+                "snapkv:ratio=0.5|kivi:bits=4,residual=64"
+            ]
+        );
+        assert_eq!(method_list("full,kivi"), ["full", "kivi"]);
+        assert_eq!(
+            method_list("palu:rank=24,calibration=c.st;kivi:bits=2"),
+            ["palu:rank=24,calibration=c.st", "kivi:bits=2"]
+        );
+    }
 }
