@@ -18,9 +18,11 @@
 //! The loss is the mean next-token negative log-likelihood (nats) over every position of
 //! every sequence but the last, as Hugging Face's `labels = input_ids` computes it.
 //!
-//! It is not a trainer: no optimiser, no mixed precision, no gradient checkpointing. A
-//! 135M-parameter model with 512 tokens takes a few seconds per forward and backward pass on
-//! two CPU cores and about 2 GiB of memory.
+//! It is not a trainer: no optimiser, no mixed precision, no gradient checkpointing. For the
+//! 135M-parameter SmolLM2 and 512 tokens, one forward and backward pass takes about 7 s on two
+//! shared CPU cores, and `kv-eval fisher` peaks at 2.4 GB of resident memory (host and device
+//! weights included); the attention matrices kept for the backward pass grow with the square
+//! of the sequence length.
 
 use burn::prelude::*;
 use burn::tensor::Gradients;
