@@ -128,16 +128,7 @@ impl PaluConfig {
         self.hadamard = hadamard;
         self
     }
-    /// Checks the artefact against a model of `num_layers` layers at init.
-    pub fn with_num_layers(mut self, num_layers: usize) -> Self {
-        self.num_layers = Some(num_layers);
-        self
-    }
-    /// Sets the storage dtype.
-    pub fn with_dtype(mut self, dtype: StorageDtype) -> Self {
-        self.dtype = dtype;
-        self
-    }
+    crate::params::calibrated_setters!();
 
     /// The parameter names [`from_params`](Self::from_params) accepts.
     pub const PARAMS: &'static [&'static str] = &[

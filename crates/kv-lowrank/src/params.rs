@@ -4,6 +4,24 @@ use std::path::PathBuf;
 
 use kv_core::{KvError, StorageDtype};
 
+/// The builder setters every calibrated config shares (`num_layers: Option<usize>` and
+/// `dtype: StorageDtype` fields): `with_num_layers` and `with_dtype`.
+macro_rules! calibrated_setters {
+    () => {
+        /// Checks the artefact against a model of `num_layers` layers at init.
+        pub fn with_num_layers(mut self, num_layers: usize) -> Self {
+            self.num_layers = Some(num_layers);
+            self
+        }
+        /// Sets the storage dtype.
+        pub fn with_dtype(mut self, dtype: kv_core::StorageDtype) -> Self {
+            self.dtype = dtype;
+            self
+        }
+    };
+}
+pub(crate) use calibrated_setters;
+
 pub(crate) fn bad(field: &'static str, value: &str, want: &str) -> KvError {
     KvError::InvalidConfig {
         field,
