@@ -484,6 +484,24 @@ pub(crate) fn ordered<'a>(
     out
 }
 
+/// An ordered list of segments with the tokens `start..start + src.tokens()` read from `src`
+/// instead (window tokens that were just quantized and are attended as the window held them).
+pub(crate) fn overlay<'a>(
+    segments: Vec<Segment<'a>>,
+    start: usize,
+    src: &'a HostDense,
+) -> Vec<Segment<'a>> {
+    let total = segments.iter().map(|s| s.range.len()).sum();
+    let end = start + src.tokens();
+    let mut out = window(&segments, 0..start);
+    out.push(Segment {
+        src: Source::Dense(src),
+        range: 0..src.tokens(),
+    });
+    out.extend(window(&segments, end..total));
+    out
+}
+
 /// The tokens `range` (in the cache's order) of an ordered list of segments.
 fn window<'a>(segments: &[Segment<'a>], range: Range<usize>) -> Vec<Segment<'a>> {
     let mut out = Vec::new();

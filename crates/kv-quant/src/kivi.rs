@@ -38,10 +38,15 @@
 //! # Attention
 //! The reference computes each forward's attention with the *current* call's keys and values
 //! in full precision (prefill uses the fp tensors; a decode token is in the fp window when it
-//! attends) and quantizes afterwards. This cache does the same: with
-//! [`KiviConfig::current_in_full_precision`] (the default) the last appended block is also
-//! kept as given (fp32) until the next `append`, `end_prefill` or `reset`, and `attend` and
-//! `view` use it for those tokens; this copy is counted in `memory()` while it is held.
+//! attends) and quantizes afterwards: the decode step whose key fills the window to `R`
+//! attends all `R` window keys in full precision and spills them after, and each decode step
+//! attends `R + 1` full-precision values before the oldest spills. This cache quantizes on
+//! `append`, before attention, and reproduces that order: with
+//! [`KiviConfig::current_in_full_precision`] (the default) the last appended block is kept as
+//! given (fp32), and the window tokens that this append moved into the quantized store are
+//! kept as the window held them, both until the next `append`, `end_prefill` or `reset`;
+//! `attend` and `view` use them for those tokens, and they are counted in `memory()` while
+//! held.
 //!
 //! Without statistics, `attend` and `attend_lse` take one of two paths, neither of which
 //! materialises the cache in full precision:
@@ -71,7 +76,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{attend_streamed, empty_lse};
 use crate::group::{GroupAxis, QuantSpec, QuantizedTensor};
-use crate::host::{HostCodes, HostDense, Source, attend_host, ordered, use_host};
+use crate::host::{HostCodes, HostDense, Source, attend_host, ordered, overlay, use_host};
 use crate::packing::BitWidth;
 use crate::{QuantError, Result};
 
@@ -107,7 +112,8 @@ pub struct KiviConfig {
     /// Dtype of the full-precision window (fp16 in KIVI; fp32 keeps appended tokens bit-exact).
     #[serde(default = "default_f16")]
     pub residual_dtype: StorageDtype,
-    /// Attend the last appended block in full precision, as the reference does.
+    /// Attend the last appended block, and the window tokens its append quantized, in full
+    /// precision until the next append, as the reference does (it quantizes after attending).
     #[serde(default = "default_true")]
     pub current_in_full_precision: bool,
     /// The first `sinks` tokens of every sequence stay in full precision (window dtype) for
@@ -358,6 +364,8 @@ impl KiviConfig {
             v_quant: None,
             v_full: None,
             pending: None,
+            spilled_keys: None,
+            spilled_values: None,
             sink: None,
             len: 0,
             positions: vec![Vec::new(); self.shape.batch()],
@@ -414,6 +422,12 @@ pub struct KiviCache {
     v_full: Option<Tensor<4>>,
     /// The last appended block as given (fp32), attended in full precision.
     pending: Option<(Tensor<4>, Tensor<4>)>,
+    /// Keys that the last append moved from the fp window into the quantized store, as the
+    /// window held them, with the cache index of the first: attended in place of their codes
+    /// until the next append (the reference attends with the window and quantizes afterwards).
+    spilled_keys: Option<(usize, Tensor<4>)>,
+    /// The same for values.
+    spilled_values: Option<(usize, Tensor<4>)>,
     /// The first `sinks` tokens, full precision, never quantized.
     sink: Option<(Tensor<4>, Tensor<4>)>,
     len: usize,
@@ -512,6 +526,17 @@ impl KiviCache {
     /// append has dropped them, or when [`KiviConfig::current_in_full_precision`] is off).
     pub fn pending_tokens(&self) -> usize {
         self.pending.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Keys and values that the last append moved from the fp window into the quantized store
+    /// and that are still attended as the window held them (until the next append,
+    /// `end_prefill` or `reset`; always 0 without
+    /// [`KiviConfig::current_in_full_precision`]).
+    pub fn spilled_window_tokens(&self) -> (usize, usize) {
+        (
+            tokens(self.spilled_keys.as_ref().map(|(_, k)| k)),
+            tokens(self.spilled_values.as_ref().map(|(_, v)| v)),
+        )
     }
 
     /// ThinK + KIVI: the key channels kept in the quantized store for sequence `b`, KV head
@@ -700,7 +725,19 @@ impl KiviCache {
                 v = v.slice_assign(r, slice_tokens(pv, s - p0..b - p0));
             }
         }
-        (k, v)
+        let overlay = |t: Tensor<4>, over: &Option<(usize, Tensor<4>)>| match over {
+            Some((p0, x)) if a.max(*p0) < b.min(p0 + x.dims()[2]) => {
+                let (s, e) = (a.max(*p0), b.min(p0 + x.dims()[2]));
+                let [bb, h, _, d] = t.dims();
+                let part = slice_tokens(x, s - p0..e - p0).cast(FloatDType::F32);
+                t.slice_assign([0..bb, 0..h, s - a..e - a, 0..d], part)
+            }
+            _ => t,
+        };
+        (
+            overlay(k, &self.spilled_keys),
+            overlay(v, &self.spilled_values),
+        )
     }
 
     /// Attention without statistics and its log-sum-exp: the fused host kernels for
@@ -726,6 +763,10 @@ impl KiviCache {
         };
         let sink = pair(&self.sink);
         let pending = pair(&self.pending);
+        let spilled = |s: &Option<(usize, Tensor<4>)>| {
+            s.as_ref().map(|(start, x)| (*start, HostDense::new(x)))
+        };
+        let (sk, sv) = (spilled(&self.spilled_keys), spilled(&self.spilled_values));
         let kq = self.k_quant.as_ref().map(HostCodes::from_quantized);
         let vq = self.v_quant.as_ref().map(HostCodes::from_quantized);
         let kf = self.k_full.as_ref().map(HostDense::new);
@@ -739,6 +780,10 @@ impl KiviCache {
             pending.as_ref().map(|p| &p.0),
             self.len,
         );
+        let keys = match &sk {
+            Some((start, x)) => overlay(keys, *start, x),
+            None => keys,
+        };
         let values = ordered(
             &[
                 sink.as_ref().map(|p| Source::Dense(&p.1)),
@@ -748,6 +793,10 @@ impl KiviCache {
             pending.as_ref().map(|p| &p.1),
             self.len,
         );
+        let values = match &sv {
+            Some((start, x)) => overlay(values, *start, x),
+            None => values,
+        };
         attend_host(
             query,
             self.config.shape.kv_heads(),
@@ -823,6 +872,11 @@ impl KvCache for KiviCache {
         };
         let (k, v, pos) = block.into_parts();
         let (k, v) = (k.cast(FloatDType::F32), v.cast(FloatDType::F32));
+        let keep = self.config.current_in_full_precision;
+        // Cache indices of the first window key and value before this append.
+        let k_start = self.sink_tokens() + self.quantized_key_tokens();
+        let v_start = self.sink_tokens() + self.quantized_value_tokens();
+        let (mut spilled_keys, mut spilled_values) = (None, None);
 
         // Everything fallible happens on locals; the cache changes only once all succeeded.
         // Sinks first: the block's leading tokens while fewer than `sinks` are held.
@@ -851,6 +905,11 @@ impl KvCache for KiviCache {
                 } else {
                     m - m % r
                 };
+                let old = spill.min(tokens(self.k_full.as_ref()));
+                if keep && old > 0 {
+                    let w = self.k_full.as_ref().expect("a non-empty key window");
+                    spilled_keys = Some((k_start, slice_tokens(w, 0..old)));
+                }
                 let (k_spill, k_full) = split_at(kf, spill);
                 let k_new = k_spill.map(|x| self.quantize_keys(x)).transpose()?;
                 (join(self.k_quant.clone(), k_new)?, k_full)
@@ -861,7 +920,13 @@ impl KvCache for KiviCache {
             Some(vr) => {
                 let vf = cat_tokens(self.v_full.clone(), vr.cast(dtype));
                 let m = vf.dims()[2];
-                let (v_spill, v_full) = split_at(vf, m.saturating_sub(r));
+                let spill = m.saturating_sub(r);
+                let old = spill.min(tokens(self.v_full.as_ref()));
+                if keep && old > 0 {
+                    let w = self.v_full.as_ref().expect("a non-empty value window");
+                    spilled_values = Some((v_start, slice_tokens(w, 0..old)));
+                }
+                let (v_spill, v_full) = split_at(vf, spill);
                 let v_new = v_spill
                     .map(|x| self.value_spec.quantize_finite(x.cast(FloatDType::F32)))
                     .transpose()?;
@@ -875,7 +940,9 @@ impl KvCache for KiviCache {
         self.k_full = k_full;
         self.v_quant = v_quant;
         self.v_full = v_full;
-        self.pending = self.config.current_in_full_precision.then_some((k, v));
+        self.pending = keep.then_some((k, v));
+        self.spilled_keys = spilled_keys;
+        self.spilled_values = spilled_values;
         for b in 0..shape.batch() {
             self.positions[b].extend_from_slice(&pos[b * n..(b + 1) * n]);
             self.logical[b] += counts[b];
@@ -926,6 +993,8 @@ impl KvCache for KiviCache {
 
     fn end_prefill(&mut self) -> kv_core::Result<()> {
         self.pending = None;
+        self.spilled_keys = None;
+        self.spilled_values = None;
         if self.awaiting_channels() {
             self.decide_channels()?;
         }
@@ -970,10 +1039,15 @@ impl KvCache for KiviCache {
         };
         let (pk, pv) = pair(&self.pending);
         let (sk, sv) = pair(&self.sink);
+        let spilled = |s: &Option<(usize, Tensor<4>)>| {
+            s.as_ref()
+                .map_or(0, |(_, t)| t.shape().num_elements() * t.dtype().size())
+        };
+        let (ok, ov) = (spilled(&self.spilled_keys), spilled(&self.spilled_values));
         let logical_tokens: usize = self.logical.iter().sum();
         MemoryReport {
-            key_bytes: q(&self.k_quant) + fp(&self.k_full) + pk + sk,
-            value_bytes: q(&self.v_quant) + fp(&self.v_full) + pv + sv,
+            key_bytes: q(&self.k_quant) + fp(&self.k_full) + pk + sk + ok,
+            value_bytes: q(&self.v_quant) + fp(&self.v_full) + pv + sv + ov,
             metadata_bytes: s.batch() * self.len * core::mem::size_of::<u32>()
                 + fp(&self.queries)
                 + self
@@ -1009,6 +1083,12 @@ impl KvCache for KiviCache {
             out.push(HeldBuffer::tensor(StorageRole::Keys, k));
             out.push(HeldBuffer::tensor(StorageRole::Values, v));
         }
+        if let Some((_, k)) = &self.spilled_keys {
+            out.push(HeldBuffer::tensor(StorageRole::Keys, k));
+        }
+        if let Some((_, v)) = &self.spilled_values {
+            out.push(HeldBuffer::tensor(StorageRole::Values, v));
+        }
         for p in &self.positions {
             out.push(HeldBuffer::host(StorageRole::Metadata, p));
         }
@@ -1030,6 +1110,8 @@ impl KvCache for KiviCache {
         self.v_quant = None;
         self.v_full = None;
         self.pending = None;
+        self.spilled_keys = None;
+        self.spilled_values = None;
         self.sink = None;
         self.kept = None;
         self.kept_host = Vec::new();

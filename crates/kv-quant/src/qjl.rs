@@ -53,7 +53,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::attend::{attend_streamed_scores, empty_lse};
 use crate::group::{F16_MAX_ABS_INPUT, GroupAxis, QuantSpec, QuantizedTensor};
-use crate::host::{HostCodes, HostDense, HostSigns, Source, attend_host, ordered, use_host};
+use crate::host::{
+    HostCodes, HostDense, HostSigns, Source, attend_host, ordered, overlay, use_host,
+};
 use crate::packing::{BitWidth, pack_words, unpack_words};
 use crate::params as parse;
 use crate::rng::SplitMix64;
@@ -602,7 +604,8 @@ pub struct QjlConfig {
     #[serde(default = "default_f16")]
     pub residual_dtype: StorageDtype,
     /// Attend the last appended block in full precision (the reference attends prefill in
-    /// full precision).
+    /// full precision), and the window values its append quantized until the next append (the
+    /// reference sums the values before it spills the oldest).
     #[serde(default = "default_true")]
     pub current_in_full_precision: bool,
 }
@@ -797,6 +800,7 @@ impl QjlConfig {
             v_quant: None,
             v_full: None,
             pending: None,
+            spilled_values: None,
             len: 0,
             positions: vec![Vec::new(); self.shape.batch()],
             logical: vec![0; self.shape.batch()],
@@ -868,6 +872,10 @@ pub struct QjlCache {
     v_full: Option<Tensor<4>>,
     /// The last appended block as given (fp32), attended in full precision.
     pending: Option<(Tensor<4>, Tensor<4>)>,
+    /// Values that the last append moved from the fp window into the quantized store, as the
+    /// window held them, with the cache index of the first: attended in place of their codes
+    /// until the next append (the reference sums the values before it spills the oldest).
+    spilled_values: Option<(usize, Tensor<4>)>,
     len: usize,
     positions: Vec<Vec<u32>>,
     logical: Vec<usize>,
@@ -979,6 +987,10 @@ impl QjlCache {
         let vq = self.v_quant.as_ref().map(HostCodes::from_quantized);
         let kf = self.k_full.as_ref().map(HostDense::new);
         let vf = self.v_full.as_ref().map(HostDense::new);
+        let sv = self
+            .spilled_values
+            .as_ref()
+            .map(|(start, x)| (*start, HostDense::new(x)));
         let keys = ordered(
             &[
                 ks.as_ref().map(Source::Signs),
@@ -995,6 +1007,10 @@ impl QjlCache {
             pending.as_ref().map(|p| &p.1),
             self.len,
         );
+        let values = match &sv {
+            Some((start, x)) => overlay(values, *start, x),
+            None => values,
+        };
         attend_host(
             query,
             self.config.shape.kv_heads(),
@@ -1050,8 +1066,16 @@ impl QjlCache {
         {
             parts.push(slice_tokens(f, a.max(tq) - tq..b - tq).cast(FloatDType::F32));
         }
-        let v = Tensor::cat(parts, 2);
-        self.with_pending(v, a, b, |(_, pv)| pv)
+        let v = self.with_pending(Tensor::cat(parts, 2), a, b, |(_, pv)| pv);
+        match &self.spilled_values {
+            Some((p0, x)) if a.max(*p0) < b.min(p0 + x.dims()[2]) => {
+                let (s, e) = (a.max(*p0), b.min(p0 + x.dims()[2]));
+                let [bb, h, _, d] = v.dims();
+                let part = slice_tokens(x, s - p0..e - p0).cast(FloatDType::F32);
+                v.slice_assign([0..bb, 0..h, s - a..e - a, 0..d], part)
+            }
+            _ => v,
+        }
     }
 
     /// Keys as attention sees them (`k̂` for sketched tokens), fp32, for `range`.
@@ -1236,9 +1260,16 @@ impl KvCache for QjlCache {
             (Some(a), Some(b)) => Some(a.concat(b)),
             (a, b) => a.or(b),
         };
+        let v_start = self.quantized_value_tokens();
         let vf = cat_tokens(self.v_full.clone(), v.clone().cast(dtype));
         let m = vf.dims()[2];
-        let (v_spill, v_full) = split_at(vf, m.saturating_sub(r));
+        let spill = m.saturating_sub(r);
+        let old = spill.min(self.full_value_tokens());
+        let spilled_values = (self.config.current_in_full_precision && old > 0).then(|| {
+            let w = self.v_full.as_ref().expect("a non-empty value window");
+            (v_start, slice_tokens(w, 0..old))
+        });
+        let (v_spill, v_full) = split_at(vf, spill);
         let v_new = v_spill
             .map(|x| self.value_spec.quantize_finite(x.cast(FloatDType::F32)))
             .transpose()?;
@@ -1252,6 +1283,7 @@ impl KvCache for QjlCache {
         self.v_quant = v_quant;
         self.v_full = v_full;
         self.pending = self.config.current_in_full_precision.then_some((k, v));
+        self.spilled_values = spilled_values;
         for b in 0..shape.batch() {
             self.positions[b].extend_from_slice(&pos[b * n..(b + 1) * n]);
             self.logical[b] += counts[b];
@@ -1300,6 +1332,7 @@ impl KvCache for QjlCache {
 
     fn end_prefill(&mut self) -> kv_core::Result<()> {
         self.pending = None;
+        self.spilled_values = None;
         Ok(())
     }
 
@@ -1333,6 +1366,10 @@ impl KvCache for QjlCache {
                 v.shape().num_elements() * v.dtype().size(),
             )
         });
+        let spilled = self
+            .spilled_values
+            .as_ref()
+            .map_or(0, |(_, v)| v.shape().num_elements() * v.dtype().size());
         let logical_tokens: usize = self.logical.iter().sum();
         let proj = self.sketch.proj.shape().num_elements() * self.sketch.proj.dtype().size();
         MemoryReport {
@@ -1344,7 +1381,8 @@ impl KvCache for QjlCache {
                 .as_ref()
                 .map_or(0, QuantizedTensor::stored_bytes)
                 + fp_bytes(&self.v_full)
-                + pv,
+                + pv
+                + spilled,
             metadata_bytes: s.batch() * self.len * core::mem::size_of::<u32>() + proj,
             logical_elements: 2 * logical_tokens * s.kv_heads() * s.head_dim(),
             logical_tokens,
@@ -1370,6 +1408,9 @@ impl KvCache for QjlCache {
             out.push(HeldBuffer::tensor(StorageRole::Keys, k));
             out.push(HeldBuffer::tensor(StorageRole::Values, v));
         }
+        if let Some((_, v)) = &self.spilled_values {
+            out.push(HeldBuffer::tensor(StorageRole::Values, v));
+        }
         for p in &self.positions {
             out.push(HeldBuffer::host(StorageRole::Metadata, p));
         }
@@ -1382,6 +1423,7 @@ impl KvCache for QjlCache {
         self.v_quant = None;
         self.v_full = None;
         self.pending = None;
+        self.spilled_values = None;
         self.len = 0;
         for p in &mut self.positions {
             *p = Vec::new();

@@ -156,6 +156,25 @@ fn spill_semantics_follow_the_reference_through_decode() {
         all_k.push(k);
         all_v.push(v);
         c.append(blk).expect("decode");
+        // As the reference attends before it quantizes, this step reads the `fk + 1` window
+        // keys (a full window of R included) and the `fv + 1` window values in full precision.
+        let k_all = Tensor::cat(all_k.clone(), 2);
+        let v_all = Tensor::cat(all_v.clone(), 2);
+        let t = qk + fk + 1;
+        let view = c.view();
+        assert_eq!(
+            to_vec(&tokens(&view.keys, qk..t)),
+            to_vec(&tokens(&k_all, qk..t)),
+            "keys attended at decode step {step}"
+        );
+        assert_eq!(
+            to_vec(&tokens(&view.values, qv..t)),
+            to_vec(&tokens(&v_all, qv..t)),
+            "values attended at decode step {step}"
+        );
+        let spills = (usize::from(fk + 1 == r) * fk, usize::from(fv + 1 > r));
+        assert_eq!(c.spilled_window_tokens(), spills, "step {step}");
+        memory_matches_buffers(&c).expect("memory == held buffers");
         // Keys: the fp window grows to R, then the whole block of R is quantized.
         fk += 1;
         if fk == r {
@@ -180,9 +199,8 @@ fn spill_semantics_follow_the_reference_through_decode() {
         );
         // Every window token is exact; quantized ones are within a 2-bit step.
         c.end_prefill().expect("drop the pending copy");
+        assert_eq!(c.spilled_window_tokens(), (0, 0));
         let view = c.view();
-        let k_all = Tensor::cat(all_k.clone(), 2);
-        let v_all = Tensor::cat(all_v.clone(), 2);
         let t = qk + fk;
         assert_eq!(
             to_vec(&tokens(&view.keys, qk..t)),

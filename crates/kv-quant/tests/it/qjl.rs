@@ -501,3 +501,47 @@ fn long_query_blocks_shrink_the_chunks_and_agree_with_the_view() {
     let want = c.view().attend_reference(&q, StatsRequest::NONE).output;
     kv_testkit::assert_close(&got, &want, 1e-5, 1e-4);
 }
+
+#[test]
+fn a_decode_step_reads_its_values_before_the_oldest_spills() {
+    // The reference sums the R window values and the new one, then quantizes the oldest:
+    // the step that spills still reads R + 1 exact values.
+    let d = test_device();
+    let s = KvShape::new(1, 2, 2, 8).expect("valid");
+    let r = 8;
+    let mut c = QjlConfig::new(s)
+        .with_sketch_dims(40, 24)
+        .with_outliers(2)
+        .with_group(4)
+        .with_buffer(r)
+        .with_residual_dtype(StorageDtype::F32)
+        .init(&d)
+        .expect("init");
+    let prefill = block(s, 13, 0, 1, &d);
+    let mut values = vec![prefill.values().clone()];
+    c.append(prefill).expect("prefill");
+    c.end_prefill().expect("end_prefill");
+    for step in 0..5u32 {
+        let b = block(s, 1, 13 + step, 10 + u64::from(step), &d);
+        values.push(b.values().clone());
+        c.append(b).expect("decode");
+        let t = 14 + step as usize;
+        let all = Tensor::cat(values.clone(), 2);
+        let window = |x: Tensor<4>| x.slice([0..1, 0..2, t - r - 1..t, 0..8]);
+        assert_eq!(
+            to_vec(&window(c.view().values)),
+            to_vec(&window(all.clone())),
+            "step {step}"
+        );
+        memory_matches_buffers(&c).expect("honest memory");
+        c.end_prefill().expect("end_prefill");
+        let v = c.view().values;
+        assert!(
+            max_diff(
+                &v.slice([0..1, 0..2, t - r - 1..t - r, 0..8]),
+                &all.slice([0..1, 0..2, t - r - 1..t - r, 0..8])
+            ) > 0.0,
+            "after the step the oldest value reads quantized"
+        );
+    }
+}
