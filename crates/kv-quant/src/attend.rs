@@ -7,6 +7,7 @@
 use core::ops::Range;
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
 use kv_core::{PAD, Query};
 
 fn to_i32(p: u32) -> i32 {
@@ -129,4 +130,25 @@ pub(crate) fn empty_lse(query: &Query, kv_heads: usize) -> (Tensor<4>, Tensor<4>
         query.tensor().zeros_like(),
         Tensor::full([b, kv_heads, qh / kv_heads, n], f32::MIN, &device),
     )
+}
+
+/// `t`, the held tokens `range` in fp32, with the tokens that `over` covers (the cache index
+/// of its first token and the tokens as the window held them) read from `over` instead: the
+/// window tokens an append just quantized, which the reference still attends in full precision.
+pub(crate) fn overlay_tokens(
+    t: Tensor<4>,
+    range: Range<usize>,
+    over: Option<&(usize, Tensor<4>)>,
+) -> Tensor<4> {
+    let Some((p0, x)) = over else { return t };
+    let (s, e) = (range.start.max(*p0), range.end.min(p0 + x.dims()[2]));
+    if s >= e {
+        return t;
+    }
+    let [b, h, _, d] = x.dims();
+    let part = x
+        .clone()
+        .slice([0..b, 0..h, s - p0..e - p0, 0..d])
+        .cast(FloatDType::F32);
+    t.slice_assign([0..b, 0..h, s - range.start..e - range.start, 0..d], part)
 }

@@ -74,7 +74,7 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::attend::{attend_streamed, empty_lse};
+use crate::attend::{attend_streamed, empty_lse, overlay_tokens};
 use crate::group::{GroupAxis, QuantSpec, QuantizedTensor};
 use crate::host::{HostCodes, HostDense, Source, attend_host, ordered, overlay, use_host};
 use crate::packing::BitWidth;
@@ -725,18 +725,9 @@ impl KiviCache {
                 v = v.slice_assign(r, slice_tokens(pv, s - p0..b - p0));
             }
         }
-        let overlay = |t: Tensor<4>, over: &Option<(usize, Tensor<4>)>| match over {
-            Some((p0, x)) if a.max(*p0) < b.min(p0 + x.dims()[2]) => {
-                let (s, e) = (a.max(*p0), b.min(p0 + x.dims()[2]));
-                let [bb, h, _, d] = t.dims();
-                let part = slice_tokens(x, s - p0..e - p0).cast(FloatDType::F32);
-                t.slice_assign([0..bb, 0..h, s - a..e - a, 0..d], part)
-            }
-            _ => t,
-        };
         (
-            overlay(k, &self.spilled_keys),
-            overlay(v, &self.spilled_values),
+            overlay_tokens(k, a..b, self.spilled_keys.as_ref()),
+            overlay_tokens(v, a..b, self.spilled_values.as_ref()),
         )
     }
 

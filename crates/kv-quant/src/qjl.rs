@@ -51,7 +51,7 @@ use kv_core::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::attend::{attend_streamed_scores, empty_lse};
+use crate::attend::{attend_streamed_scores, empty_lse, overlay_tokens};
 use crate::group::{F16_MAX_ABS_INPUT, GroupAxis, QuantSpec, QuantizedTensor};
 use crate::host::{
     HostCodes, HostDense, HostSigns, Source, attend_host, ordered, overlay, use_host,
@@ -1067,15 +1067,7 @@ impl QjlCache {
             parts.push(slice_tokens(f, a.max(tq) - tq..b - tq).cast(FloatDType::F32));
         }
         let v = self.with_pending(Tensor::cat(parts, 2), a, b, |(_, pv)| pv);
-        match &self.spilled_values {
-            Some((p0, x)) if a.max(*p0) < b.min(p0 + x.dims()[2]) => {
-                let (s, e) = (a.max(*p0), b.min(p0 + x.dims()[2]));
-                let [bb, h, _, d] = v.dims();
-                let part = slice_tokens(x, s - p0..e - p0).cast(FloatDType::F32);
-                v.slice_assign([0..bb, 0..h, s - a..e - a, 0..d], part)
-            }
-            _ => v,
-        }
+        overlay_tokens(v, a..b, self.spilled_values.as_ref())
     }
 
     /// Keys as attention sees them (`k̂` for sketched tokens), fp32, for `range`.
