@@ -485,12 +485,16 @@ pub(crate) fn ordered<'a>(
 }
 
 /// An ordered list of segments with the tokens `start..start + src.tokens()` read from `src`
-/// instead (window tokens that were just quantized and are attended as the window held them).
+/// instead, for `over = Some((start, src))` (window tokens that were just quantized and are
+/// attended as the window held them); the list unchanged for `None`.
 pub(crate) fn overlay<'a>(
     segments: Vec<Segment<'a>>,
-    start: usize,
-    src: &'a HostDense,
+    over: Option<&'a (usize, HostDense)>,
 ) -> Vec<Segment<'a>> {
+    let Some((start, src)) = over else {
+        return segments;
+    };
+    let start = *start;
     let total = segments.iter().map(|s| s.range.len()).sum();
     let end = start + src.tokens();
     let mut out = window(&segments, 0..start);

@@ -771,10 +771,7 @@ impl KiviCache {
             pending.as_ref().map(|p| &p.0),
             self.len,
         );
-        let keys = match &sk {
-            Some((start, x)) => overlay(keys, *start, x),
-            None => keys,
-        };
+        let keys = overlay(keys, sk.as_ref());
         let values = ordered(
             &[
                 sink.as_ref().map(|p| Source::Dense(&p.1)),
@@ -784,10 +781,7 @@ impl KiviCache {
             pending.as_ref().map(|p| &p.1),
             self.len,
         );
-        let values = match &sv {
-            Some((start, x)) => overlay(values, *start, x),
-            None => values,
-        };
+        let values = overlay(values, sv.as_ref());
         attend_host(
             query,
             self.config.shape.kv_heads(),

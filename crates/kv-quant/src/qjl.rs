@@ -1007,10 +1007,7 @@ impl QjlCache {
             pending.as_ref().map(|p| &p.1),
             self.len,
         );
-        let values = match &sv {
-            Some((start, x)) => overlay(values, *start, x),
-            None => values,
-        };
+        let values = overlay(values, sv.as_ref());
         attend_host(
             query,
             self.config.shape.kv_heads(),
