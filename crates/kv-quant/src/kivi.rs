@@ -679,6 +679,15 @@ impl KiviCache {
     /// `G` (or past the quantized keys) for the key groups to split.
     fn tokens_fp32(&self, range: core::ops::Range<usize>) -> (Tensor<4>, Tensor<4>) {
         let (a, b) = (range.start, range.end);
+        // A range inside the block just appended (a prefill's own tokens) is read as given,
+        // without dequantizing what the pending block overwrites anyway.
+        if let Some((pk, pv)) = &self.pending {
+            let p0 = self.len - pk.dims()[2];
+            if p0 <= a {
+                let r = a - p0..b - p0;
+                return (slice_tokens(pk, r.clone()), slice_tokens(pv, r));
+            }
+        }
         let sh = self.sink_tokens();
         let part = |q: &Option<QuantizedTensor>,
                     f: &Option<Tensor<4>>,

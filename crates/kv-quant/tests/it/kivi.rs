@@ -343,7 +343,7 @@ fn kivi4_attention_is_close_to_dense() {
 fn streamed_attention_equals_reference_over_many_chunks() {
     // 1300 tokens with G = 4: three chunks of 512 keys, the quantized/window boundaries of keys
     // (1296) and values (1172) inside the last one; two sequences, GQA group 3, causal queries
-    // inside the keys, before and after end_prefill.
+    // inside the keys (a few, and the whole prefill), before and after end_prefill.
     let d = test_device();
     let s = KvShape::new(2, 2, 6, 8).expect("valid");
     let mut c = KiviConfig::new(s)
@@ -359,6 +359,12 @@ fn streamed_attention_equals_reference_over_many_chunks() {
         let want = c.view().attend_reference(&q, StatsRequest::NONE).output;
         assert_close(&got, &want, 1e-5, 1e-4);
         let q = Query::contiguous(seeded_tensor([2, 6, 3, 8], 33, 2.0, &d), 600).expect("query");
+        let got = c.attend(&q, StatsRequest::NONE).expect("attend").output;
+        let want = c.view().attend_reference(&q, StatsRequest::NONE).output;
+        assert_close(&got, &want, 1e-5, 1e-4);
+        // The prefill's own queries: three blocks of query tokens, each over the key chunks
+        // it can see (the first block skips the last two chunks).
+        let q = Query::contiguous(seeded_tensor([2, 6, 1300, 8], 35, 2.0, &d), 0).expect("query");
         let got = c.attend(&q, StatsRequest::NONE).expect("attend").output;
         let want = c.view().attend_reference(&q, StatsRequest::NONE).output;
         assert_close(&got, &want, 1e-5, 1e-4);
