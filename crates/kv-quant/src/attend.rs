@@ -138,17 +138,10 @@ pub(crate) fn attend_streamed_scores(
         outs.push((acc / l.clamp_min(f32::MIN_POSITIVE)).reshape([b, kv_heads, g, nq, d]));
         q0 = q1;
     }
-    let out = if outs.len() == 1 {
-        outs.pop().expect("one block")
-    } else {
-        Tensor::cat(outs, 3)
-    };
-    let lse = if lses.len() == 1 {
-        lses.pop().expect("one block")
-    } else {
-        Tensor::cat(lses, 3)
-    };
-    (out.reshape([b, qh, n, d]), lse)
+    (
+        Tensor::cat(outs, 3).reshape([b, qh, n, d]),
+        Tensor::cat(lses, 3),
+    )
 }
 
 /// Query tokens attended per block by [`attend_streamed_scores`]: bounds the score tensor of
@@ -226,15 +219,15 @@ mod tests {
 
     use super::*;
 
-    /// Streams `q` over dense `k`/`v` in chunks of `chunk` keys; returns the output, the
-    /// log-sum-exp and the key ranges fetched.
-    fn streamed(
+    /// Streams `q` over dense `k`/`v` in chunks of `chunk` keys, checks the output and the
+    /// log-sum-exp against the reference attention and returns the key ranges fetched.
+    fn streamed_equals_reference(
         q: &Query,
         k: &Tensor<4>,
         v: &Tensor<4>,
         positions: &[Vec<u32>],
         chunk: usize,
-    ) -> (Tensor<4>, Tensor<4>, Vec<Range<usize>>) {
+    ) -> Vec<Range<usize>> {
         let [b, h, len, d] = k.dims();
         let fetched = RefCell::new(Vec::new());
         let (out, lse) = attend_streamed(
@@ -251,24 +244,6 @@ mod tests {
                 )
             },
         );
-        (out, lse, fetched.into_inner())
-    }
-
-    #[test]
-    fn query_blocks_skip_unseen_chunks_and_equal_the_reference() {
-        let d = test_device();
-        let (len, chunk) = (1200, 100);
-        let k = seeded_tensor([2, 2, len, 8], 1, 1.0, &d);
-        let v = seeded_tensor([2, 2, len, 8], 2, 1.0, &d);
-        // Sequence 1 is padded at the end: its last 50 keys and queries are PAD.
-        let mut positions = vec![(0..len as u32).collect::<Vec<_>>(); 2];
-        positions[1][len - 50..].fill(PAD);
-        let q = Query::new(
-            seeded_tensor([2, 4, len, 8], 3, 2.0, &d),
-            positions.concat(),
-        )
-        .expect("query");
-        let (out, lse, fetched) = streamed(&q, &k, &v, &positions, chunk);
         let kp = positions.concat();
         let (want, want_lse) = reference_attention_lse(
             q.tensor().clone(),
@@ -280,6 +255,24 @@ mod tests {
         );
         assert_close(&out, &want, 1e-5, 1e-4);
         assert_close(&lse, &want_lse, 1e-5, 1e-4);
+        fetched.into_inner()
+    }
+
+    #[test]
+    fn query_blocks_skip_unseen_chunks_and_equal_the_reference() {
+        let d = test_device();
+        let len = 1200;
+        let k = seeded_tensor([2, 2, len, 8], 1, 1.0, &d);
+        let v = seeded_tensor([2, 2, len, 8], 2, 1.0, &d);
+        // Sequence 1 is padded at the end: its last 50 keys and queries are PAD.
+        let mut positions = vec![(0..len as u32).collect::<Vec<_>>(); 2];
+        positions[1][len - 50..].fill(PAD);
+        let q = Query::new(
+            seeded_tensor([2, 4, len, 8], 3, 2.0, &d),
+            positions.concat(),
+        )
+        .expect("query");
+        let fetched = streamed_equals_reference(&q, &k, &v, &positions, 100);
         // Query blocks 0..512, 512..1024, 1024..1200 see 6, 11 and 12 chunks of 100 keys.
         assert_eq!(fetched.len(), 6 + 11 + 12, "{fetched:?}");
         assert!(fetched[..6].iter().all(|r| r.start < 512));
@@ -294,17 +287,7 @@ mod tests {
         // Keys held newest first: no prefix bound holds, so every block reads every chunk.
         let positions = vec![(0..len as u32).rev().collect::<Vec<_>>()];
         let q = Query::contiguous(seeded_tensor([1, 2, 600, 4], 6, 2.0, &d), 0).expect("query");
-        let (out, lse, fetched) = streamed(&q, &k, &v, &positions, chunk);
-        let (want, want_lse) = reference_attention_lse(
-            q.tensor().clone(),
-            k,
-            v,
-            q.positions(),
-            KeyPositions::PerSequence(&positions[0]),
-            None,
-        );
-        assert_close(&out, &want, 1e-5, 1e-4);
-        assert_close(&lse, &want_lse, 1e-5, 1e-4);
+        let fetched = streamed_equals_reference(&q, &k, &v, &positions, chunk);
         assert_eq!(fetched.len(), 2 * len.div_ceil(chunk));
     }
 }
